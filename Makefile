@@ -1,0 +1,46 @@
+# The one place that knows how to set the project up. `make test` and `make demo` work from a clean
+# clone: they create .venv, install the pinned dependencies and build the compiled modules.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.built
+
+.PHONY: setup build test lint format demo bench clean
+
+setup: $(BUILT)
+
+# --system-site-packages: on a machine that already has a CUDA torch (the GPU machine), use it.
+$(DEPS): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	# The Triton interpreter (CPU-only torch) breaks with numpy >= 2.4.
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" || $(PY) -m pip install -q "numpy<2.4"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(BUILT): $(DEPS) setup.py CMakeLists.txt pyproject.toml $(wildcard csrc/*/*.* csrc/include/pecker/*.h python/*.cpp)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+lint: $(DEPS)
+	$(PY) -m ruff check pecker_kernels tests benchmarks setup.py
+	$(PY) -m ruff format --check pecker_kernels tests benchmarks setup.py
+
+format: $(DEPS)
+	$(PY) -m ruff check --fix pecker_kernels tests benchmarks setup.py
+	$(PY) -m ruff format pecker_kernels tests benchmarks setup.py
+
+test: $(BUILT) lint
+	$(PY) -m pytest -q
+
+demo: $(BUILT)
+	$(PY) -m benchmarks.bench_step --demo
+
+bench: $(BUILT)
+	$(PY) -m benchmarks.bench_step
+
+clean:
+	rm -rf build *.egg-info pecker_kernels/*.so

@@ -1,0 +1,170 @@
+"""The contract every backend implements (eager, cpu, cuda, triton).
+
+A *scope* is a list of tensors treated as one flat vector per *segment*: tensor by tensor in list
+order, each in row-major order. ``segments[i]`` names the segment of tensor ``i`` (all zeros for one
+global selection, ``range(len(tensors))`` for a per-tensor selection). Segments are numbered
+``0 .. num_segments - 1``; the tensors of one segment keep their list order.
+
+Score of element ``j``: ``|g_j|`` (``"grad"``) or ``|g_j * w_j|`` (``"grad_weight"``), computed in
+fp32 from the stored values and never written to memory. Non-finite scores are never selected.
+
+Selection of segment ``s`` with budget ``k_s``: let ``k = min(k_s, finite elements of s)``. The
+threshold is the k-th largest finite score. Selected: every finite score above the threshold, plus the
+first ``take = k - count(score > threshold)`` elements equal to the threshold in flat order. Exactly
+``k`` elements are selected. With ``k == 0`` the threshold is ``+inf`` and ``take`` is 0.
+
+Packed masks: one int32 tensor per parameter of ``ceil(numel / 32)`` words; bit ``b`` of word ``w``
+is element ``32 * w + b``; bits past ``numel`` are zero.
+
+Every backend module exposes:
+
+``select(grads, weights, score, segments, ks) -> Selection``
+    Exact per-segment top-k threshold, on the tensors' device, with no host synchronisation.
+``write_masks(grads, weights, score, segments, selection, masks_out) -> None``
+    Writes the packed masks of ``selection``.
+``update(group, config, score, segments, selection=None, masks_in=None, masks_out=None) -> None``
+    The fused masked optimizer step. Exactly one of ``selection`` / ``masks_in`` is given.
+    Selected elements get the optimizer update; unselected ones are frozen (parameter and moments
+    untouched). The EMA copy, when present, follows every element. ``masks_out`` (optional)
+    receives the packed mask that was applied.
+
+Inputs reach a backend already validated (see ``pecker_kernels.validation``): contiguous, one device,
+params and grads of one dtype per tensor among fp32/fp16/bf16, state tensors fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ScoreKind = Literal["grad", "grad_weight"]
+SCORES: tuple[str, ...] = ("grad", "grad_weight")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
+PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+MASK_WORD_BITS = 32
+
+# Integer codes shared with the compiled kernels (csrc/include/pecker/codes.h).
+SCORE_CODES = {"grad": 0, "grad_weight": 1}
+OPTIMIZER_CODES = {"adamw": 0, "adam": 1, "sgd": 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@dataclass
+class Selection:
+    """Per-segment result of ``select``: device tensors, never read back on the host."""
+
+    threshold: Tensor  # float32 [num_segments]: the k-th largest finite score (+inf when k == 0)
+    take: Tensor  # int64 [num_segments]: elements equal to the threshold to select, in flat order
+
+
+@dataclass
+class TensorGroup:
+    """The tensors one update touches, index-aligned. Absent state lists are ``None``."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avg: list[Tensor] | None = None  # Adam first moment, or SGD momentum buffer (fp32)
+    exp_avg_sq: list[Tensor] | None = None  # Adam second moment (fp32)
+    ema: list[Tensor] | None = None  # EMA copy of the parameters (fp32)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Hyper-parameters of one update, with the step-dependent scalars already computed on the host.
+
+    Element math (fp32), for a selected element with gradient ``g`` and parameter ``p``:
+
+    * ``g = clamp(g, -clip_value, clip_value)`` when ``clip_value`` is set.
+    * ``adamw``: ``p *= 1 - lr * weight_decay``; ``adam``/``sgd``: ``g += weight_decay * p``.
+    * Adam: ``m = m + (1 - beta1) * (g - m)`` (``m = g`` and no state when ``beta1 == 0``),
+      ``v = beta2 * v + (1 - beta2) * g * g``,
+      ``p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)``.
+    * SGD: with ``momentum``: ``buf = g`` if ``momentum_init`` else
+      ``buf = momentum * buf + (1 - dampening) * g``; ``g = g + momentum * buf`` (nesterov) or
+      ``g = buf``; then ``p -= lr * g``.
+    * EMA (every element, selected or not): ``e = e + (1 - ema_decay) * (p_stored - e)``.
+    """
+
+    kind: Literal["adamw", "adam", "sgd"]
+    lr: float
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    step_size: float = 0.0  # lr / (1 - beta1 ** step)
+    bias_correction2_sqrt: float = 1.0  # sqrt(1 - beta2 ** step)
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    momentum_init: bool = False
+    clip_value: float | None = None
+    ema_decay: float | None = None
+
+    @staticmethod
+    def adam(
+        kind: Literal["adamw", "adam"],
+        *,
+        lr: float,
+        step: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip_value: float | None = None,
+        ema_decay: float | None = None,
+    ) -> StepConfig:
+        beta1, beta2 = betas
+        return StepConfig(
+            kind=kind,
+            lr=lr,
+            weight_decay=weight_decay,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            step_size=lr / (1.0 - beta1**step),
+            bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+            clip_value=clip_value,
+            ema_decay=ema_decay,
+        )
+
+    @staticmethod
+    def sgd(
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        momentum_init: bool = False,
+        clip_value: float | None = None,
+        ema_decay: float | None = None,
+    ) -> StepConfig:
+        return StepConfig(
+            kind="sgd",
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            momentum_init=momentum_init,
+            clip_value=clip_value,
+            ema_decay=ema_decay,
+        )
+
+
+def mask_words(numel: int) -> int:
+    """Number of int32 words in the packed mask of a tensor with ``numel`` elements."""
+    return (numel + MASK_WORD_BITS - 1) // MASK_WORD_BITS
+
+
+def empty_masks(tensors: list[Tensor]) -> list[Tensor]:
+    """Zeroed packed masks for ``tensors``, on their devices."""
+    return [torch.zeros(mask_words(t.numel()), dtype=torch.int32, device=t.device) for t in tensors]
+
+
+def budget(ratio: float, numel: int) -> int:
+    """k = max(1, floor(ratio * N)): the number of elements a segment of ``numel`` selects."""
+    return max(1, math.floor(ratio * numel))
