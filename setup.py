@@ -32,7 +32,7 @@ class CMakeBuild(build_ext):
             return
         # All modules land next to the first one's path (pecker_kernels/ in place, or build/lib).
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = ROOT / "build" / "cmake"
+        build_dir = Path(os.environ.get("PECKER_BUILD_DIR", ROOT / "build" / "cmake"))
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
             "cmake",

@@ -11,7 +11,8 @@ fp32 from the stored values and never written to memory. Non-finite scores are n
 Selection of segment ``s`` with budget ``k_s``: let ``k = min(k_s, finite elements of s)``. The
 threshold is the k-th largest finite score. Selected: every finite score above the threshold, plus the
 first ``take = k - count(score > threshold)`` elements equal to the threshold in flat order. Exactly
-``k`` elements are selected. With ``k == 0`` the threshold is ``+inf`` and ``take`` is 0.
+``k`` elements are selected. With ``k == 0`` the threshold is ``+inf`` and ``take`` is 0. ``ties`` counts
+all elements equal to the threshold: when ``take == ties`` the update needs no tie ranks at all.
 
 Packed masks: one int32 tensor per parameter of ``ceil(numel / 32)`` words; bit ``b`` of word ``w``
 is element ``32 * w + b``; bits past ``numel`` are zero.
@@ -59,6 +60,7 @@ class Selection:
 
     threshold: Tensor  # float32 [num_segments]: the k-th largest finite score (+inf when k == 0)
     take: Tensor  # int64 [num_segments]: elements equal to the threshold to select, in flat order
+    ties: Tensor  # int64 [num_segments]: elements equal to the threshold in all (take == ties: no ranking)
 
 
 @dataclass

@@ -51,12 +51,13 @@ def select(
     ks: Sequence[int],
 ) -> Selection:
     device = grads[0].device
-    thresholds, takes = [], []
+    thresholds, takes, ties = [], [], []
     for members, k in zip(_segment_members(segments, len(ks)), ks, strict=True):
         s = _segment_scores(grads, weights, score, members).to(device)
         if s.numel() == 0:
             thresholds.append(torch.full((), float("inf"), device=device))
             takes.append(torch.zeros((), dtype=torch.int64, device=device))
+            ties.append(torch.zeros((), dtype=torch.int64, device=device))
             continue
         ordered = torch.sort(s, descending=True, stable=True).values
         k_eff = torch.clamp((s >= 0).sum(), max=k)
@@ -64,7 +65,8 @@ def select(
         threshold = torch.where(k_eff > 0, kth, torch.full_like(kth, float("inf")))
         thresholds.append(threshold)
         takes.append(k_eff - (s > threshold).sum())
-    return Selection(threshold=torch.stack(thresholds), take=torch.stack(takes))
+        ties.append((s == threshold).sum())
+    return Selection(threshold=torch.stack(thresholds), take=torch.stack(takes), ties=torch.stack(ties))
 
 
 def selected(
