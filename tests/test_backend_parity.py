@@ -1,0 +1,230 @@
+"""Every fast backend against the eager oracle: identical selections, updates within rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from pecker_kernels.backends import available, eager, load
+from pecker_kernels.backends.base import Selection, StepConfig, TensorGroup, budget, empty_masks
+
+from .cases import MANY_SMALL, ODD_SIZES, gradients, parameters
+
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+TARGETS = [
+    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param(
+        "triton",
+        "cpu",
+        id="triton-interpreter",
+        marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only when interpreted"),
+    ),
+    pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    name, device = request.param
+    if not available(name, torch.device(device)):
+        pytest.fail(f"backend {name!r} should be available on {device} in this environment")
+    return load(name), device
+
+
+def _to(tensors, device):
+    return None if tensors is None else [t.to(device) for t in tensors]
+
+
+def _segments(sizes, scope):
+    return [0] * len(sizes) if scope == "global" else list(range(len(sizes)))
+
+
+def _ks(sizes, segments, ratio):
+    totals = [0] * (max(segments) + 1)
+    for n, s in zip(sizes, segments, strict=True):
+        totals[s] += n
+    return [budget(ratio, n) for n in totals]
+
+
+def _masks_of(backend, grads, weights, score, segments, selection):
+    masks = empty_masks(grads)
+    backend.write_masks(grads, weights, score, segments, selection, masks)
+    return [m.cpu() for m in masks]
+
+
+def _assert_same_selection(got: Selection, want: Selection):
+    torch.testing.assert_close(got.threshold.cpu(), want.threshold, rtol=0, atol=0)
+    assert torch.equal(got.take.cpu(), want.take)
+    assert torch.equal(got.ties.cpu(), want.ties)
+
+
+@pytest.mark.parametrize("score", ["grad", "grad_weight"])
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ratio", [0.01, 0.5, 1.0])
+def test_selection_matches_eager_with_ties_zeros_and_nonfinite(target, score, scope, dtype, ratio):
+    backend, device = target
+    grads = gradients(ODD_SIZES, dtype, seed=hash((score, scope, ratio)) % 1000)
+    weights = parameters(ODD_SIZES, dtype) if score == "grad_weight" else None
+    segments = _segments(ODD_SIZES, scope)
+    ks = _ks(ODD_SIZES, segments, ratio)
+
+    want = eager.select(grads, weights, score, segments, ks)
+    got = backend.select(_to(grads, device), _to(weights, device), score, segments, ks)
+    _assert_same_selection(got, want)
+    want_masks = _masks_of(eager, grads, weights, score, segments, want)
+    got_masks = _masks_of(backend, _to(grads, device), _to(weights, device), score, segments, got)
+    for g, w in zip(got_masks, want_masks, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_selection_of_many_small_tensors_matches_eager(target):
+    backend, device = target
+    grads = gradients(MANY_SMALL, seed=3)
+    for scope in ("global", "per_tensor"):
+        segments = _segments(MANY_SMALL, scope)
+        ks = _ks(MANY_SMALL, segments, 0.3)
+        want = eager.select(grads, None, "grad", segments, ks)
+        got = backend.select(_to(grads, device), None, "grad", segments, ks)
+        _assert_same_selection(got, want)
+        for g, w in zip(
+            _masks_of(backend, _to(grads, device), None, "grad", segments, got),
+            _masks_of(eager, grads, None, "grad", segments, want),
+            strict=True,
+        ):
+            assert torch.equal(g, w)
+
+
+def test_budget_beyond_the_finite_scores_selects_every_finite_one(target):
+    backend, device = target
+    g = torch.tensor([float("nan"), 2.0, float("inf"), 0.0, 2.0, float("-inf"), 1.0])
+    want = eager.select([g], None, "grad", [0], [6])
+    got = backend.select([g.to(device)], None, "grad", [0], [6])
+    _assert_same_selection(got, want)
+    (mask,) = _masks_of(backend, [g.to(device)], None, "grad", [0], got)
+    assert torch.equal(eager.unpack(mask, 7), torch.tensor([False, True, False, True, True, False, True]))
+
+
+def test_all_nonfinite_or_empty_segments_select_nothing(target):
+    backend, device = target
+    grads = [torch.full((40,), float("nan")), torch.empty(0), torch.tensor([3.0, 1.0])]
+    got = backend.select(_to(grads, device), None, "grad", [0, 1, 2], [1, 1, 1])
+    assert got.threshold.cpu().tolist() == [float("inf"), float("inf"), 3.0]
+    assert got.take.cpu().tolist() == [0, 0, 1]
+    masks = _masks_of(backend, _to(grads, device), None, "grad", [0, 1, 2], got)
+    assert [int(eager.unpack(m, g.numel()).sum()) for m, g in zip(masks, grads, strict=True)] == [0, 0, 1]
+
+
+def test_ties_at_the_threshold_go_to_the_lowest_flat_index(target):
+    backend, device = target
+    grads = [torch.full((5000,), 0.25), torch.full((3001,), 0.25)]
+    got = backend.select(_to(grads, device), None, "grad", [0, 0], [6000])
+    masks = _masks_of(backend, _to(grads, device), None, "grad", [0, 0], got)
+    first, second = (eager.unpack(m, g.numel()) for m, g in zip(masks, grads, strict=True))
+    assert bool(first.all()) and int(second.sum()) == 1000 and bool(second[:1000].all())
+
+
+UPDATE_CONFIGS = {
+    "adamw": StepConfig.adam("adamw", lr=1e-2, step=3, weight_decay=0.1),
+    "adamw-beta1-0-clip-ema": StepConfig.adam(
+        "adamw", lr=1e-2, step=7, betas=(0.0, 0.999), clip_value=0.5, ema_decay=0.9
+    ),
+    "adam-l2": StepConfig.adam("adam", lr=3e-3, step=1, betas=(0.8, 0.99), weight_decay=0.05),
+    "sgd-plain": StepConfig.sgd(lr=0.1, weight_decay=0.01),
+    "sgd-momentum-init": StepConfig.sgd(lr=0.1, momentum=0.9, momentum_init=True),
+    "sgd-nesterov-dampening": StepConfig.sgd(lr=0.05, momentum=0.9, dampening=0.1, nesterov=True),
+}
+
+
+def _group(config: StepConfig, sizes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = parameters(sizes, dtype, seed=seed)
+    grads = gradients(sizes, dtype, seed=seed + 1)
+    adam = config.kind != "sgd"
+    has_m = (adam and config.beta1 > 0) or (not adam and config.momentum > 0)
+    state = lambda: [torch.rand(n, generator=gen) for n in sizes]  # noqa: E731
+    return TensorGroup(
+        params=params,
+        grads=grads,
+        exp_avg=state() if has_m else None,
+        exp_avg_sq=state() if adam else None,
+        ema=[p.float() + 0.1 for p in params] if config.ema_decay is not None else None,
+    )
+
+
+def _group_to(group: TensorGroup, device) -> TensorGroup:
+    return TensorGroup(**{f.name: _to(getattr(group, f.name), device) for f in dataclasses.fields(group)})
+
+
+def _assert_groups_close(got: TensorGroup, want: TensorGroup, dtype):
+    for field in dataclasses.fields(want):
+        for g, w in zip(getattr(got, field.name) or [], getattr(want, field.name) or [], strict=True):
+            if g.dtype == torch.float32:
+                torch.testing.assert_close(g.cpu(), w, rtol=2e-6, atol=1e-6, equal_nan=True)
+            else:  # one unit in the last place of a half-precision store
+                torch.testing.assert_close(g.cpu(), w, rtol=1e-2, atol=1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("config_name", list(UPDATE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score", ["grad", "grad_weight"])
+def test_update_matches_eager_and_freezes_unselected(target, config_name, dtype, score):
+    backend, device = target
+    config = UPDATE_CONFIGS[config_name]
+    sizes = ODD_SIZES
+    want = _group(config, sizes, dtype, seed=11)
+    got = _group_to(want, device)
+    before = _group_to(want, "cpu")
+    segments = [0] * len(sizes)
+    ks = _ks(sizes, segments, 0.4)
+    weights = want.params if score == "grad_weight" else None
+    selection = eager.select(want.grads, weights, score, segments, ks)
+    want_masks, got_masks = empty_masks(want.params), empty_masks(got.params)
+
+    eager.update(want, config, score, segments, selection=selection, masks_out=want_masks)
+    got_selection = backend.select(got.grads, got.params if score == "grad_weight" else None, score, segments, ks)
+    backend.update(got, config, score, segments, selection=got_selection, masks_out=got_masks)
+
+    _assert_groups_close(got, want, dtype)
+    for g, w in zip(got_masks, want_masks, strict=True):
+        assert torch.equal(g.cpu(), w)
+    # Unselected parameters are bit-identical to before the step.
+    for p, p0, m, n in zip(got.params, before.params, want_masks, sizes, strict=True):
+        frozen = ~eager.unpack(m, n)
+        assert torch.equal(p.cpu().reshape(-1)[frozen], p0.reshape(-1)[frozen])
+
+
+@pytest.mark.parametrize("config_name", ["adamw", "sgd-momentum-init"])
+def test_update_from_a_stored_mask_matches_eager(target, config_name):
+    backend, device = target
+    config = UPDATE_CONFIGS[config_name]
+    sizes = (*ODD_SIZES, *MANY_SMALL[:40])
+    want = _group(config, sizes, torch.float32, seed=5)
+    got = _group_to(want, device)
+    segments = list(range(len(sizes)))
+    selection = eager.select(want.grads, None, "grad", segments, _ks(sizes, segments, 0.2))
+    masks = empty_masks(want.params)
+    eager.write_masks(want.grads, None, "grad", segments, selection, masks)
+
+    eager.update(want, config, "grad", segments, masks_in=masks)
+    backend.update(got, config, "grad", segments, masks_in=_to(masks, device))
+    _assert_groups_close(got, want, torch.float32)
+
+
+def test_update_of_two_dimensional_tensors_matches_eager(target):
+    backend, device = target
+    config = UPDATE_CONFIGS["adamw"]
+    want = _group(config, (300, 4096), torch.float32, seed=9)
+    for field in dataclasses.fields(want):
+        tensors = getattr(want, field.name)
+        if tensors is not None:
+            setattr(want, field.name, [t.reshape(-1, 4) for t in tensors])
+    got = _group_to(want, device)
+    selection = eager.select(want.grads, None, "grad", [0, 0], [1000])
+    eager.update(want, config, "grad", [0, 0], selection=selection)
+    backend.update(got, config, "grad", [0, 0], selection=backend.select(got.grads, None, "grad", [0, 0], [1000]))
+    _assert_groups_close(got, want, torch.float32)
