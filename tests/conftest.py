@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     # Must be set before any Triton kernel is imported (pecker_kernels.backends.triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):

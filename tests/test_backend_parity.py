@@ -20,7 +20,9 @@ TARGETS = [
         "triton",
         "cpu",
         id="triton-interpreter",
-        marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on CPU tensors only when interpreted"),
+        marks=pytest.mark.skipif(
+            not TRITON_ON_CPU, reason="Triton runs on CPU tensors only when interpreted"
+        ),
     ),
     pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
@@ -186,7 +188,9 @@ def test_update_matches_eager_and_freezes_unselected(target, config_name, dtype,
     want_masks, got_masks = empty_masks(want.params), empty_masks(got.params)
 
     eager.update(want, config, score, segments, selection=selection, masks_out=want_masks)
-    got_selection = backend.select(got.grads, got.params if score == "grad_weight" else None, score, segments, ks)
+    got_selection = backend.select(
+        got.grads, got.params if score == "grad_weight" else None, score, segments, ks
+    )
     backend.update(got, config, score, segments, selection=got_selection, masks_out=got_masks)
 
     _assert_groups_close(got, want, dtype)
@@ -226,5 +230,7 @@ def test_update_of_two_dimensional_tensors_matches_eager(target):
     got = _group_to(want, device)
     selection = eager.select(want.grads, None, "grad", [0, 0], [1000])
     eager.update(want, config, "grad", [0, 0], selection=selection)
-    backend.update(got, config, "grad", [0, 0], selection=backend.select(got.grads, None, "grad", [0, 0], [1000]))
+    backend.update(
+        got, config, "grad", [0, 0], selection=backend.select(got.grads, None, "grad", [0, 0], [1000])
+    )
     _assert_groups_close(got, want, torch.float32)

@@ -66,7 +66,9 @@ def _all_selected(tensors):
         ),
         (
             "sgd",
-            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=False),
+            lambda ps: torch.optim.SGD(
+                ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=False
+            ),
             lambda step: StepConfig.sgd(
                 lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, momentum_init=step == 1
             ),

@@ -1,0 +1,95 @@
+"""Input checks, done once in Python before any kernel runs, so bad input changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .backends.base import PARAM_DTYPES, SCORES, mask_words
+
+SCOPES: tuple[str, ...] = ("global", "per_tensor")
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a float in (0, 1], got {type(ratio).__name__}")
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return float(ratio)
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_tensors(name: str, tensors: Sequence[Tensor], device: torch.device | None = None) -> torch.device:
+    """Dense, contiguous fp32/fp16/bf16 tensors on one device; returns that device."""
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    if len(tensors) == 0:
+        raise ValueError(f"{name} is empty")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_sparse or t.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] is a sparse tensor; only dense tensors are supported")
+        if t.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] is not contiguous; call .contiguous() first")
+        device = device or t.device
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but the other tensors are on {device}")
+    return device
+
+
+def check_like(
+    name: str,
+    tensors: Sequence[Tensor] | None,
+    reference: Sequence[Tensor],
+    ref_name: str,
+    *,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """``tensors`` pair up with ``reference``: same count, shapes and device (and ``dtype`` if given,
+    else the reference's dtype)."""
+    if tensors is None:
+        return
+    check_tensors(name, tensors, reference[0].device)
+    if len(tensors) != len(reference):
+        raise ValueError(f"{name} has {len(tensors)} tensors but {ref_name} has {len(reference)}")
+    for i, (t, r) in enumerate(zip(tensors, reference, strict=True)):
+        if t.shape != r.shape:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(t.shape)} but {ref_name}[{i}] has {tuple(r.shape)}"
+            )
+        want = dtype or r.dtype
+        if t.dtype != want:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected {want}")
+
+
+def check_masks(name: str, masks: Sequence[Tensor] | None, reference: Sequence[Tensor]) -> None:
+    """Packed masks: one contiguous int32 tensor of ceil(numel / 32) words per reference tensor."""
+    if masks is None:
+        return
+    if len(masks) != len(reference):
+        raise ValueError(f"{name} has {len(masks)} masks but there are {len(reference)} tensors")
+    for i, (m, r) in enumerate(zip(masks, reference, strict=True)):
+        if not isinstance(m, Tensor) or m.dtype != torch.int32 or m.dim() != 1 or not m.is_contiguous():
+            raise TypeError(f"{name}[{i}] must be a contiguous 1-D int32 tensor (a packed bit mask)")
+        if m.numel() != mask_words(r.numel()):
+            raise ValueError(
+                f"{name}[{i}] has {m.numel()} words; "
+                f"a tensor of {r.numel()} elements needs {mask_words(r.numel())}"
+            )
+        if m.device != r.device:
+            raise ValueError(f"{name}[{i}] is on {m.device} but its tensor is on {r.device}")
+
+
+def check_score_and_scope(score: str, scope: str) -> None:
+    check_choice("score", score, SCORES)
+    check_choice("scope", scope, SCOPES)
