@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command (under 8 minutes on an H100/H200):
+#   benchmarks/gpu_check.sh OUT_DIR
+# Builds the CUDA module in place with the machine's own torch (no network needed), runs the GPU tests
+# and the kernel benchmark, and writes logs plus gpu_check.json (one status per step) to OUT_DIR.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PECKER_BUILD_DIR=build/gpu-check
+
+status() { printf '  "%s": %s,\n' "$1" "$2" >>"$out/steps.part"; }
+: >"$out/steps.part"
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+"$py" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >"$out/versions.txt" 2>&1
+
+timeout 240 "$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1
+status build $?
+
+timeout 180 "$py" -m pytest -q -m gpu tests -p no:cacheprovider >"$out/gpu_tests.log" 2>&1
+status gpu_tests $?
+
+timeout 150 "$py" -m benchmarks.bench_step --device cuda --sizes 1e6 1e7 1e8 --reps 20 --out "$out" \
+  >"$out/bench.log" 2>&1
+status bench $?
+
+{ echo "{"; cat "$out/steps.part"; printf '  "versions": "%s"\n}\n' "$(tr -d '\n' <"$out/versions.txt")"; } \
+  >"$out/gpu_check.json"
+rm -f "$out/steps.part"
+cat "$out/gpu_check.json"
+tail -n 30 "$out/bench.log"
