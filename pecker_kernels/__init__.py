@@ -2,9 +2,20 @@
 
 from .backends.base import Selection, StepConfig
 from .dispatch import available_backends
+from .optim import SalientAdam, SalientAdamW, SalientSGD
 from .select import select, topk_mask
 from .update import masked_update
 
 __version__ = "0.1.0"
 
-__all__ = ["Selection", "StepConfig", "available_backends", "masked_update", "select", "topk_mask"]
+__all__ = [
+    "SalientAdam",
+    "SalientAdamW",
+    "SalientSGD",
+    "Selection",
+    "StepConfig",
+    "available_backends",
+    "masked_update",
+    "select",
+    "topk_mask",
+]

@@ -1,0 +1,435 @@
+"""Drop-in torch.optim optimizers that update only the most salient parameters.
+
+``SalientAdamW``, ``SalientAdam`` and ``SalientSGD`` take the positional arguments and defaults of the
+torch optimizer they replace, plus keyword-only saliency options (all settable per param group):
+
+* ``ratio`` in (0, 1]: fraction of the elements in scope updated each step, ``k = max(1, floor(ratio*N))``.
+* ``score``: ``"grad"`` (``|g|``) or ``"grad_weight"`` (``|g * w|``).
+* ``scope``: ``"global"`` (one selection over every parameter of every group whose scope is global; those
+  groups must agree on ratio, score, refresh_every and backend) or ``"per_tensor"``.
+* ``refresh_every``: 1 reselects every step; K > 1 reselects at steps 1, K+1, 2K+1, ... and reuses the
+  stored bit-packed mask in between; 0 selects once (the first step, or ``compute_mask``/``set_masks``).
+* ``clip_value``: clip gradients by value inside the fused step. ``ema``: keep an EMA copy of the
+  parameters (decay) in the same pass, see ``ema_parameters()``.
+* ``backend``: "auto", "eager", "cpu", "cuda" or "triton".
+
+Selection order is param-group order, then parameter order, each tensor row-major; ties at the
+threshold go to the lower flat index and non-finite scores are never selected. Unselected elements are
+frozen: parameter, moments and weight decay untouched. Parameters without a gradient are skipped.
+State lives under torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) plus ``mask``
+(packed int32 bits) and ``ema``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import dispatch
+from .backends import eager
+from .backends.base import PARAM_DTYPES, SCORES, StepConfig, TensorGroup, empty_masks
+from .profiling import nvtx_range
+from .select import budgets
+from .update import check_config
+from .validation import SCOPES, check_choice, check_ratio
+
+_SCOPE_KEYS = (
+    "ratio",
+    "score",
+    "refresh_every",
+    "backend",
+)  # what groups sharing a global scope must agree on
+
+
+class _SalientOptimizer(Optimizer):
+    """Shared machinery: scopes, selection schedule, masks, EMA. Subclasses say how to build a step."""
+
+    kind: str
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # ---- torch.optim plumbing ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "state"):  # also called from Optimizer.__init__, before our own checks
+            self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_ratio(group["ratio"])
+        check_choice("score", group["score"], SCORES)
+        check_choice("scope", group["scope"], SCOPES)
+        refresh = group["refresh_every"]
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 0:
+            raise ValueError(f"refresh_every must be an int >= 0, got {refresh!r}")
+        if group["backend"] != "auto" and group["params"]:
+            dispatch.resolve(group["backend"], group["params"][0].device)  # raises if it cannot run there
+        check_config(self._config(group, step=1))
+        for p in group["params"]:
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, got {p.dtype}"
+                )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but state keeps its own dtype: fp32 moments and EMA, int32 masks (torch would cast
+        every state tensor to the parameter's dtype). Moves state to each parameter's device."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for param_id, p in zip(ids, params, strict=True):
+            for key, value in saved.get(param_id, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    dtype = torch.float32 if value.is_floating_point() else value.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+
+    # ---- what subclasses provide ---------------------------------------------------------------
+
+    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+        raise NotImplementedError
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
+        """State keys of the kernel's (first-moment-or-momentum, second-moment) slots."""
+        raise NotImplementedError
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for scope in self._scopes():
+            self._step_scope(scope)
+        return loss
+
+    def _scopes(self) -> list[list[dict[str, Any]]]:
+        """Groups that select together: all global groups as one, each per-tensor group alone."""
+        global_groups = [g for g in self.param_groups if g["scope"] == "global"]
+        if global_groups:
+            first = global_groups[0]
+            for g in global_groups[1:]:
+                for key in _SCOPE_KEYS:
+                    if g[key] != first[key]:
+                        raise ValueError(
+                            f"param groups sharing scope='global' must agree on {key!r}: "
+                            f"{first[key]!r} != {g[key]!r} (use scope='per_tensor' or equal values)"
+                        )
+        scopes = [global_groups] if global_groups else []
+        return scopes + [[g] for g in self.param_groups if g["scope"] == "per_tensor"]
+
+    def _active(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Tensor]]:
+        active = []
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                active.append((group, p))
+        return active
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            first, second = self._state_keys(group)
+            for key in (first, second):
+                if key is not None:
+                    state[key] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.contiguous_format
+                    )
+        if group["ema"] is not None and "ema" not in state:
+            state["ema"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+        return state
+
+    def _step_scope(self, groups: list[dict[str, Any]]) -> None:
+        active = self._active(groups)
+        if not active:
+            return
+        devices = {p.device for _, p in active}
+        if len(devices) > 1:
+            raise ValueError(
+                f"parameters of one selection scope are on several devices ({', '.join(map(str, devices))});"
+                " put each device's parameters in its own param group with scope='per_tensor', or one device"
+            )
+        for _, p in active:
+            if not p.is_contiguous():
+                raise ValueError("parameters must be contiguous")
+        lead = groups[0]
+        impl = dispatch.resolve(lead["backend"], next(iter(devices)))
+        states = [self._init_state(g, p) for g, p in active]
+        for state in states:
+            state["step"] += 1
+        refresh_every = lead["refresh_every"]
+        new_step = int(max(float(s["step"]) for s in states))
+        due = any("mask" not in s for s in states) or (
+            refresh_every > 0 and (new_step - 1) % refresh_every == 0
+        )
+
+        params = [p for _, p in active]
+        grads = [p.grad for p in params]
+        for state, p in zip(states, params, strict=True):
+            if "mask" not in state:
+                state["mask"] = empty_masks([p])[0]
+        masks = [s["mask"] for s in states]
+        segments = [0] * len(params) if lead["scope"] == "global" else list(range(len(params)))
+        score = lead["score"]
+
+        # One update call per (group, step count): bias corrections and hyper-parameters differ.
+        calls: dict[tuple[int, int], list[int]] = {}
+        for index, ((group, _), state) in enumerate(zip(active, states, strict=True)):
+            calls.setdefault((id(group), int(state["step"])), []).append(index)
+
+        selection = None
+        if due:
+            with nvtx_range("select"):
+                weights = params if score == "grad_weight" else None
+                selection = impl.select(
+                    grads, weights, score, segments, budgets(params, segments, lead["ratio"])
+                )
+            if len(calls) > 1:  # tie ranks span the whole scope: fix the mask once, then update by call
+                with nvtx_range("write_masks"):
+                    impl.write_masks(grads, weights, score, segments, selection, masks)
+                selection = None
+
+        for indices in calls.values():
+            group = active[indices[0]][0]
+            step = int(states[indices[0]]["step"])
+            first, second = self._state_keys(group)
+            sub = TensorGroup(
+                params=[params[i] for i in indices],
+                grads=[grads[i] for i in indices],
+                exp_avg=None if first is None else [states[i][first] for i in indices],
+                exp_avg_sq=None if second is None else [states[i][second] for i in indices],
+                ema=[states[i]["ema"] for i in indices] if group["ema"] is not None else None,
+            )
+            sub_masks = [masks[i] for i in indices]
+            config = self._config(group, step)
+            with nvtx_range("update"):
+                if selection is not None:
+                    impl.update(sub, config, score, segments, selection=selection, masks_out=sub_masks)
+                else:
+                    sub_segments = [segments[i] for i in indices]
+                    impl.update(sub, config, score, sub_segments, masks_in=sub_masks)
+
+    # ---- masks ---------------------------------------------------------------------------------
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def masks(self) -> list[Tensor]:
+        """One bool tensor per parameter (param-group order): the selection in force (False before any)."""
+        out = []
+        for p in self._all_params():
+            mask = self.state[p].get("mask")
+            bits = (
+                eager.unpack(mask, p.numel())
+                if mask is not None
+                else torch.zeros(p.numel(), dtype=torch.bool)
+            )
+            out.append(bits.view(p.shape).to(p.device))
+        return out
+
+    def set_masks(
+        self,
+        masks: Sequence[Tensor] | Mapping[str, Tensor],
+        named_parameters: Iterable[tuple[str, Tensor]] | None = None,
+    ) -> None:
+        """Store a selection: a list of bool/0-1 tensors (param-group order), or a SalUn-style dict
+        ``{name: 0/1 tensor}`` together with ``model.named_parameters()``."""
+        params = self._all_params()
+        if isinstance(masks, Mapping):
+            if named_parameters is None:
+                raise ValueError("a dict of masks needs named_parameters to map names to parameters")
+            by_id = {id(p): name for name, p in named_parameters}
+            missing = [i for i, p in enumerate(params) if id(p) not in by_id or by_id[id(p)] not in masks]
+            if missing:
+                raise ValueError(f"no mask given for {len(missing)} of the optimizer's parameters")
+            masks = [masks[by_id[id(p)]] for p in params]
+        if len(masks) != len(params):
+            raise ValueError(f"got {len(masks)} masks for {len(params)} parameters")
+        packed = []
+        for i, (mask, p) in enumerate(zip(masks, params, strict=True)):
+            if not isinstance(mask, Tensor) or mask.shape != p.shape:
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"mask {i} has shape {shape}; its parameter has shape {tuple(p.shape)}")
+            packed.append(eager.pack((mask != 0).reshape(-1).to(p.device)))
+        for p, words in zip(params, packed, strict=True):
+            self.state[p]["mask"] = words
+
+    @torch.no_grad()
+    def compute_mask(self, grads: Sequence[Tensor] | None = None) -> None:
+        """Select now from ``grads`` (one per parameter, param-group order; default: each ``.grad``)
+        and store the masks; with ``refresh_every=0`` they stay in force for the rest of training."""
+        params = self._all_params()
+        if grads is None:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+        index = {id(p): i for i, p in enumerate(params)}
+        for groups in self._scopes():
+            lead = groups[0]
+            scope_params = [p for g in groups for p in g["params"]]
+            scope_grads = [grads[index[id(p)]].detach().contiguous() for p in scope_params]
+            segments = (
+                [0] * len(scope_params) if lead["scope"] == "global" else list(range(len(scope_params)))
+            )
+            impl = dispatch.resolve(lead["backend"], scope_params[0].device)
+            weights = [p.detach() for p in scope_params] if lead["score"] == "grad_weight" else None
+            selection = impl.select(
+                scope_grads, weights, lead["score"], segments, budgets(scope_params, segments, lead["ratio"])
+            )
+            masks = empty_masks(scope_params)
+            impl.write_masks(scope_grads, weights, lead["score"], segments, selection, masks)
+            for p, words in zip(scope_params, masks, strict=True):
+                self.state[p]["mask"] = words
+
+    def ema_parameters(self) -> list[Tensor]:
+        """The EMA copies (fp32, param-group order; the parameter itself where no EMA exists yet)."""
+        return [self.state[p].get("ema", p.detach()).view(p.shape) for p in self._all_params()]
+
+
+class SalientAdamW(_SalientOptimizer):
+    """AdamW (decoupled weight decay) that updates only the most salient elements. See module doc."""
+
+    kind = "adamw"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        ratio: float = 0.5,
+        score: str = "grad",
+        scope: str = "global",
+        refresh_every: int = 1,
+        clip_value: float | None = None,
+        ema: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
+        super().__init__(params, defaults)
+
+    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+        return StepConfig.adam(
+            self.kind,
+            lr=float(group["lr"]),
+            step=step,
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            clip_value=group["clip_value"],
+            ema_decay=group["ema"],
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
+        # Adam with beta1 == 0 (SFD's setting) keeps no first moment at all.
+        return ("exp_avg" if group["betas"][0] > 0 else None), "exp_avg_sq"
+
+
+class SalientAdam(SalientAdamW):
+    """Adam (L2 weight decay added to the gradient) that updates only the most salient elements."""
+
+    kind = "adam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        ratio: float = 0.5,
+        score: str = "grad",
+        scope: str = "global",
+        refresh_every: int = 1,
+        clip_value: float | None = None,
+        ema: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            ratio=ratio,
+            score=score,
+            scope=scope,
+            refresh_every=refresh_every,
+            clip_value=clip_value,
+            ema=ema,
+            backend=backend,
+        )
+
+
+class SalientSGD(_SalientOptimizer):
+    """SGD with momentum / dampening / nesterov that updates only the most salient elements."""
+
+    kind = "sgd"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        ratio: float = 0.5,
+        score: str = "grad",
+        scope: str = "global",
+        refresh_every: int = 1,
+        clip_value: float | None = None,
+        ema: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+        )
+        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
+        super().__init__(params, defaults)
+
+    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+        return StepConfig.sgd(
+            lr=float(group["lr"]),
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            momentum_init=step == 1,  # torch.optim.SGD starts the buffer at the first gradient
+            clip_value=group["clip_value"],
+            ema_decay=group["ema"],
+        )
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
+        return ("momentum_buffer" if group["momentum"] > 0 else None), None
+
+
+def _saliency(ratio, score, scope, refresh_every, clip_value, ema, backend) -> dict[str, Any]:
+    return dict(
+        ratio=ratio,
+        score=score,
+        scope=scope,
+        refresh_every=refresh_every,
+        clip_value=clip_value,
+        ema=ema,
+        backend=backend,
+    )

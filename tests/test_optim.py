@@ -1,0 +1,257 @@
+"""The Salient optimizers behave like the torch.optim optimizers they replace, plus the mask."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import pecker_kernels as pk
+
+CPU_BACKENDS = [name for name in ("eager", "cpu") if name in pk.available_backends("cpu")]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _train(model, optimizer, steps, seed=1, closure=False):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 12, generator=gen)
+
+        def loss_fn(x=x):
+            optimizer.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+
+        if closure:
+            optimizer.step(loss_fn)
+        else:
+            loss_fn()
+            optimizer.step()
+
+
+PAIRS = {
+    "adamw": (
+        lambda ps, **kw: pk.SalientAdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    ),
+    "adam-beta1-0": (
+        lambda ps, **kw: pk.SalientAdam(ps, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.01, **kw),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.01),
+    ),
+    "sgd-nesterov": (
+        lambda ps, **kw: pk.SalientSGD(ps, 0.05, 0.9, 0.0, 1e-3, True, **kw),
+        lambda ps: torch.optim.SGD(ps, 0.05, 0.9, 0.0, 1e-3, True),
+    ),
+    "sgd-dampening": (
+        lambda ps, **kw: pk.SalientSGD(ps, lr=0.05, momentum=0.9, dampening=0.3, **kw),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.3),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_ratio_one_reproduces_torch_optim_over_many_steps(name, backend):
+    ours_of, torch_of = PAIRS[name]
+    model, reference = _model(), _model()
+    ours = ours_of(model.parameters(), ratio=1.0, backend=backend)
+    theirs = torch_of(reference.parameters())
+    _train(model, ours, 30)
+    _train(reference, theirs, 30)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch_keys = set(theirs.state_dict()["state"][0]) - ({"exp_avg"} if name == "adam-beta1-0" else set())
+    assert set(ours.state_dict()["state"][0]) >= torch_keys  # torch's keys, beta1 = 0 keeps no exp_avg
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_only_the_top_ratio_of_elements_move_and_the_rest_stay_frozen(backend):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.25, backend=backend)
+    _train(model, optimizer, 1)
+    moved = [(p != b) for p, b in zip(model.parameters(), before, strict=True)]
+    masks = optimizer.masks()
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int(m.sum()) for m in masks) == total // 4
+    for m, mv in zip(masks, moved, strict=True):
+        assert not bool((mv & ~m).any())  # nothing outside the mask moved
+    grads = torch.cat([p.grad.reshape(-1).abs() for p in model.parameters()])
+    chosen = torch.cat([m.reshape(-1) for m in masks])
+    assert grads[chosen].min() >= grads[~chosen].max()
+
+
+def test_per_tensor_scope_selects_the_ratio_inside_every_tensor():
+    model = _model()
+    optimizer = pk.SalientSGD(model.parameters(), lr=0.1, ratio=0.5, scope="per_tensor")
+    _train(model, optimizer, 1)
+    for m, p in zip(optimizer.masks(), model.parameters(), strict=True):
+        assert int(m.sum()) == max(1, p.numel() // 2)
+
+
+def test_refresh_every_k_reuses_the_stored_mask_between_refreshes():
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.3, refresh_every=3)
+    history = []
+    for _ in range(7):
+        _train(model, optimizer, 1, seed=len(history))
+        history.append([m.clone() for m in optimizer.masks()])
+    same = [
+        all(torch.equal(a, b) for a, b in zip(history[i], history[i - 1], strict=True)) for i in range(1, 7)
+    ]
+    # Reselected at steps 1, 4, 7: steps 2, 3, 5, 6 keep the previous mask.
+    assert same == [True, True, False, True, True, False]
+
+
+def test_refresh_every_zero_keeps_a_set_mask_for_good():
+    model = _model()
+    params = list(model.parameters())
+    optimizer = pk.SalientAdam(params, lr=1e-2, refresh_every=0)
+    mine = [torch.rand(p.shape) < 0.1 for p in params]
+    optimizer.set_masks(mine)
+    before = [p.detach().clone() for p in params]
+    _train(model, optimizer, 4)
+    for m, p, b in zip(mine, params, before, strict=True):
+        assert torch.equal(p[~m], b[~m])
+    assert all(torch.equal(a, b) for a, b in zip(optimizer.masks(), mine, strict=True))
+
+
+def test_set_masks_takes_a_salun_style_dict_with_named_parameters():
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), refresh_every=0)
+    salun = {name: (torch.rand(p.shape) < 0.5).to(torch.int64) for name, p in model.named_parameters()}
+    optimizer.set_masks(salun, model.named_parameters())
+    for m, (name, _) in zip(optimizer.masks(), model.named_parameters(), strict=True):
+        assert torch.equal(m, salun[name].bool())
+    with pytest.raises(ValueError, match="needs named_parameters"):
+        optimizer.set_masks(salun)
+    with pytest.raises(ValueError, match="got 1 masks for 4 parameters"):
+        optimizer.set_masks([torch.ones(3)])
+    with pytest.raises(ValueError, match="has shape"):
+        optimizer.set_masks([torch.ones(3)] * 4)
+
+
+def test_compute_mask_from_given_gradients_matches_topk_mask():
+    model = _model()
+    params = list(model.parameters())
+    optimizer = pk.SalientAdamW(params, ratio=0.2, refresh_every=0)
+    grads = [torch.randn(p.shape) for p in params]
+    optimizer.compute_mask(grads)
+    expected = pk.topk_mask(grads, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(optimizer.masks(), expected, strict=True))
+
+
+def test_state_dict_round_trip_mid_training_continues_bit_identically():
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.4, refresh_every=2, ema=0.9)
+    _train(model, optimizer, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    _train(model, optimizer, 4, seed=7)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = _model(seed=5)
+    restored.load_state_dict(saved["model"])
+    again = pk.SalientAdamW(restored.parameters(), lr=1e-2, ratio=0.4, refresh_every=2, ema=0.9)
+    again.load_state_dict(saved["optim"])
+    _train(restored, again, 4, seed=7)
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(optimizer.ema_parameters(), again.ema_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_half_precision_parameters_keep_fp32_state_through_load_state_dict():
+    model = _model().to(torch.bfloat16)
+    optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = copy.deepcopy(optimizer.state_dict())
+    again = pk.SalientAdamW(model.parameters(), lr=1e-2)
+    again.load_state_dict(state)
+    for p in model.parameters():
+        assert again.state[p]["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(again.state[p]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+def test_param_groups_with_their_own_hyper_parameters_and_add_param_group():
+    model = _model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    optimizer = pk.SalientAdamW([{"params": first, "lr": 1e-2}], lr=1e-3, ratio=1.0)
+    optimizer.add_param_group({"params": second, "lr": 0.0})
+    before = [p.detach().clone() for p in second]
+    _train(model, optimizer, 2)
+    assert all(torch.equal(p, b) for p, b in zip(second, before, strict=True))  # lr 0 group does not move
+    assert optimizer.param_groups[1]["ratio"] == 1.0
+    with pytest.raises(ValueError, match="ratio must be in"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "ratio": 2.0})
+
+
+def test_global_scope_spans_groups_and_needs_them_to_agree():
+    model = _model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    optimizer = pk.SalientAdamW([{"params": first, "lr": 1e-2}, {"params": second, "lr": 1e-3}], ratio=0.1)
+    _train(model, optimizer, 1)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int(m.sum()) for m in optimizer.masks()) == total // 10
+    bad = pk.SalientAdamW([{"params": first, "ratio": 0.2}, {"params": second, "ratio": 0.3}])
+    with pytest.raises(ValueError, match="must agree on 'ratio'"):
+        _train(model, bad, 1)
+
+
+def test_lr_scheduler_and_closure_work_as_with_torch():
+    model = _model()
+    optimizer = pk.SalientSGD(model.parameters(), lr=0.1, ratio=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    _train(model, optimizer, 1, closure=True)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_parameters_without_gradients_are_skipped():
+    model = _model()
+    frozen = model[2].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    optimizer = pk.SalientAdamW(model.parameters(), ratio=1.0)
+    _train(model, optimizer, 2)
+    assert torch.equal(frozen, before) and frozen not in optimizer.state
+
+
+def test_bad_arguments_are_rejected_clearly():
+    params = list(_model().parameters())
+    with pytest.raises(ValueError, match="ratio must be in"):
+        pk.SalientAdamW(params, ratio=0)
+    with pytest.raises(ValueError, match="unknown score"):
+        pk.SalientAdamW(params, score="fisher")
+    with pytest.raises(ValueError, match="unknown scope"):
+        pk.SalientAdamW(params, scope="layer")
+    with pytest.raises(ValueError, match="unknown backend"):
+        pk.SalientAdamW(params, backend="metal")
+    with pytest.raises(ValueError, match="not available for tensors on cpu"):
+        pk.SalientAdamW(params, backend="cuda")
+    with pytest.raises(ValueError, match="refresh_every"):
+        pk.SalientAdamW(params, refresh_every=-1)
+    with pytest.raises(TypeError, match="supports float32, float16 and bfloat16"):
+        pk.SalientAdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        pk.SalientSGD(params, lr=-1.0)
+
+
+def test_sparse_gradients_are_rejected_and_nothing_changes():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    before = embedding.weight.detach().clone()
+    optimizer = pk.SalientAdamW(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradients"):
+        optimizer.step()
+    assert torch.equal(embedding.weight, before)
