@@ -1,8 +1,99 @@
-// pybind11 bindings of the CUDA kernels (pecker_kernels._C_cuda). Raw pointers and a stream in.
+// pybind11 bindings of the CUDA kernels (pecker_kernels._C_cuda). Raw device addresses (Python ints),
+// sizes and the caller's stream in; nothing returned; errors raise RuntimeError. Tensor validation and
+// the metadata tables live in pecker_kernels/backends/cuda.py. Importing needs no GPU.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+
+#include "../csrc/cuda/api.h"
+
 namespace py = pybind11;
+namespace pc = pecker::cuda;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+pc::Scope make_scope(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t seg_ranges,
+                     int64_t n_segments) {
+  return pc::Scope{ptr<const pc::TensorDesc>(tensors), ptr<const pc::ChunkDesc>(chunks), n_chunks,
+                   ptr<const int64_t>(seg_ranges), n_segments};
+}
+
+pc::SelectionArgs make_selection(uintptr_t threshold, uintptr_t take, uintptr_t ties, uintptr_t chunk_ties,
+                                 uintptr_t chunk_base) {
+  return pc::SelectionArgs{ptr<const float>(threshold), ptr<const int64_t>(take), ptr<const int64_t>(ties),
+                           ptr<int64_t>(chunk_ties), ptr<int64_t>(chunk_base)};
+}
+
+void py_select(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t seg_ranges, int64_t n_segments,
+               uintptr_t ks, uintptr_t hist, uintptr_t state, uintptr_t threshold, uintptr_t take, uintptr_t ties,
+            int num_sms, uintptr_t stream) {
+  pc::select(make_scope(tensors, chunks, n_chunks, seg_ranges, n_segments), ptr<const int64_t>(ks),
+             ptr<uint64_t>(hist), ptr<int64_t>(state), ptr<float>(threshold), ptr<int64_t>(take),
+             ptr<int64_t>(ties), num_sms, stream);
+}
+
+void py_write_masks(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t seg_ranges, int64_t n_segments,
+                 uintptr_t threshold, uintptr_t take, uintptr_t ties, uintptr_t chunk_ties, uintptr_t chunk_base,
+                 uintptr_t stream) {
+  pc::write_masks(make_scope(tensors, chunks, n_chunks, seg_ranges, n_segments),
+                  make_selection(threshold, take, ties, chunk_ties, chunk_base), stream);
+}
+
+void py_update(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t seg_ranges, int64_t n_segments,
+            uintptr_t threshold, uintptr_t take, uintptr_t ties, uintptr_t chunk_ties, uintptr_t chunk_base,
+            bool use_masks_in, bool weighted, int kind, float lr, float weight_decay, float beta1, float beta2,
+            float eps, float step_size, float bias_correction2_sqrt, float momentum, float dampening,
+            bool nesterov, bool momentum_init, bool has_clip, float clip_value, bool has_ema, float ema_decay,
+            bool has_exp_avg, uintptr_t stream) {
+  pecker::StepParams params{};
+  params.kind = kind;
+  params.lr = lr;
+  params.weight_decay = weight_decay;
+  params.beta1 = beta1;
+  params.beta2 = beta2;
+  params.eps = eps;
+  params.step_size = step_size;
+  params.bias_correction2_sqrt = bias_correction2_sqrt;
+  params.momentum = momentum;
+  params.dampening = dampening;
+  params.nesterov = nesterov;
+  params.momentum_init = momentum_init;
+  params.has_clip = has_clip;
+  params.clip_value = clip_value;
+  params.has_ema = has_ema;
+  params.ema_decay = ema_decay;
+  params.has_exp_avg = has_exp_avg;
+  pc::update(make_scope(tensors, chunks, n_chunks, seg_ranges, n_segments),
+             make_selection(threshold, take, ties, chunk_ties, chunk_base), use_masks_in, weighted, params, stream);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pecker_kernels CUDA kernels (raw pointers, caller's stream)";
+  m.attr("CHUNK") = pc::kChunk;
+  m.attr("RADIX_BINS") = pc::kRadixBins;
+  m.attr("TENSOR_DESC_FIELDS") = static_cast<int>(sizeof(pc::TensorDesc) / sizeof(int64_t));
+
+  // Launches release the GIL: they only enqueue work on `stream`.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("select", &py_select, nogil, "Exact per-segment top-k threshold (3 radix passes, no host sync)",
+        py::arg("tensors"), py::arg("chunks"), py::arg("n_chunks"), py::arg("seg_ranges"), py::arg("n_segments"),
+        py::arg("ks"), py::arg("hist"), py::arg("state"), py::arg("threshold"), py::arg("take"), py::arg("ties"),
+        py::arg("num_sms"), py::arg("stream"));
+  m.def("write_masks", &py_write_masks, nogil, "Packed int32 masks of a selection", py::arg("tensors"),
+        py::arg("chunks"), py::arg("n_chunks"), py::arg("seg_ranges"), py::arg("n_segments"), py::arg("threshold"),
+        py::arg("take"), py::arg("ties"), py::arg("chunk_ties"), py::arg("chunk_base"), py::arg("stream"));
+  m.def("update", &py_update, nogil, "Fused masked optimizer step", py::arg("tensors"), py::arg("chunks"),
+        py::arg("n_chunks"), py::arg("seg_ranges"), py::arg("n_segments"), py::arg("threshold"), py::arg("take"),
+        py::arg("ties"), py::arg("chunk_ties"), py::arg("chunk_base"), py::arg("use_masks_in"), py::arg("weighted"),
+        py::arg("kind"), py::arg("lr"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("nesterov"), py::arg("momentum_init"), py::arg("has_clip"), py::arg("clip_value"),
+        py::arg("has_ema"), py::arg("ema_decay"), py::arg("has_exp_avg"), py::arg("stream"));
 }

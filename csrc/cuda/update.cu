@@ -1,0 +1,131 @@
+// The fused masked optimizer step: one pass over p, g and the optimizer state per element. The
+// selection is recomputed from the score (or read from a packed mask); selected elements get
+// pecker::step_element, unselected ones are not written at all; the EMA follows every element from
+// the stored (rounded) parameter. Optionally writes the applied mask.
+#include "common.cuh"
+
+namespace pecker {
+namespace cuda {
+namespace {
+
+// Elements whose optimizer state is loaded together: kBatch loads per array in flight per thread
+// (the compiler cannot hoist a load above a store to a pointer that might alias it).
+constexpr int kBatch = 8;
+static_assert(kItems % kBatch == 0, "kItems must be a multiple of kBatch");
+
+struct UpdateArgs {
+  SelectionArgs sel;
+  StepParams params;
+  int use_masks_in;
+  int weighted;  // score |g * p| instead of |g|
+};
+
+template <class T>
+__device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDesc& chunk, const UpdateArgs& a,
+                                             RankScratch& scratch) {
+  const int n = chunk_size(d, chunk);
+  const unsigned lane = lane_id();
+  const int warp_first = static_cast<int>(threadIdx.x & ~31u);
+  T* p = reinterpret_cast<T*>(d.p) + chunk.start;
+  const T* g = reinterpret_cast<const T*>(d.g) + chunk.start;
+  float* m = d.m ? reinterpret_cast<float*>(d.m) + chunk.start : nullptr;
+  float* v = d.v ? reinterpret_cast<float*>(d.v) + chunk.start : nullptr;
+  float* e = d.e ? reinterpret_cast<float*>(d.e) + chunk.start : nullptr;
+  const StepParams& sp = a.params;
+  const bool adam = sp.kind != kSGD;
+
+  float pv[kItems], gv[kItems];
+  unsigned valid = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int off = i * kBlock + threadIdx.x;
+    const bool in = off < n;
+    pv[i] = in ? to_float<T>(p[off]) : 0.0f;
+    gv[i] = in ? load_ro(g, off) : 0.0f;
+    valid |= unsigned(in) << i;
+  }
+
+  unsigned bits = 0;
+  if (a.use_masks_in) {
+    // Plain loads: mask_in may be the very tensor mask_out overwrites (each word by the warp that read it).
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(d.mask_in) + (chunk.start >> 5);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int first = i * kBlock + warp_first;
+      if (first < n) bits |= ((words[first >> 5] >> lane) & 1u) << i;
+    }
+    bits &= valid;  // bits past numel in the last word are not elements
+  } else {
+    const SegmentSelection sel = segment_selection(a.sel, chunk.segment, blockIdx.x);
+    const int kind = a.weighted ? kScoreGradWeight : kScoreGrad;
+    float s[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) s[i] = (valid >> i) & 1u ? saliency(gv[i], pv[i], kind) : -1.0f;
+    bits = select_bits(s, sel, scratch);
+  }
+
+  if (d.mask_out) {  // uniform over the block: the ballots below need every lane
+    uint32_t* out = reinterpret_cast<uint32_t*>(d.mask_out) + (chunk.start >> 5);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const unsigned word = __ballot_sync(kFullMask, (bits >> i) & 1u);
+      const int first = i * kBlock + warp_first;
+      if (lane == 0 && first < n) out[first >> 5] = word;
+    }
+  }
+
+#pragma unroll
+  for (int i0 = 0; i0 < kItems; i0 += kBatch) {
+    // State of unselected elements is never read (saves its bandwidth on sparse selections).
+    float mv[kBatch], vv[kBatch], ev[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j;
+      const int off = i * kBlock + threadIdx.x;
+      const bool chosen = (bits >> i) & 1u;
+      mv[j] = chosen && m ? m[off] : 0.0f;
+      vv[j] = chosen && adam && v ? v[off] : 0.0f;
+      ev[j] = e && ((valid >> i) & 1u) ? e[off] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = i0 + j;
+      const int off = i * kBlock + threadIdx.x;
+      float param = pv[i];
+      if ((bits >> i) & 1u) {
+        step_element(sp, gv[i], param, mv[j], vv[j]);
+        const T stored = from_float<T>(param);
+        p[off] = stored;
+        param = to_float<T>(stored);
+        if (m) m[off] = mv[j];
+        if (adam && v) v[off] = vv[j];
+      }
+      if (e && ((valid >> i) & 1u)) e[off] = ema_element(sp, ev[j], param);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kBlock) update_kernel(Scope scope, UpdateArgs args) {
+  __shared__ RankScratch scratch;
+  const ChunkDesc chunk = scope.chunks[blockIdx.x];
+  const TensorDesc& d = scope.tensors[chunk.tensor];
+  switch (d.dtype) {  // one tensor per block: uniform
+    case kFloat16: update_chunk<__half>(d, chunk, args, scratch); break;
+    case kBFloat16: update_chunk<__nv_bfloat16>(d, chunk, args, scratch); break;
+    default: update_chunk<float>(d, chunk, args, scratch); break;
+  }
+}
+
+}  // namespace
+
+void update(const Scope& scope, const SelectionArgs& sel, bool use_masks_in, bool weighted,
+            const StepParams& params, uintptr_t stream) {
+  if (scope.n_chunks <= 0) return;
+  if (!use_masks_in) tie_ranks(scope, sel, stream);
+  const UpdateArgs args{sel, params, use_masks_in ? 1 : 0, weighted ? 1 : 0};
+  update_kernel<<<static_cast<unsigned>(scope.n_chunks), kBlock, 0, as_stream(stream)>>>(scope, args);
+  PECKER_LAUNCH_CHECK("update_kernel");
+}
+
+}  // namespace cuda
+}  // namespace pecker
