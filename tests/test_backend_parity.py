@@ -15,17 +15,16 @@ from .cases import MANY_SMALL, ODD_SIZES, gradients, parameters
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 TARGETS = [
-    pytest.param("cpu", "cpu", id="cpu"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(
-        "triton",
-        "cpu",
+        ("triton", "cpu"),
         id="triton-interpreter",
         marks=pytest.mark.skipif(
             not TRITON_ON_CPU, reason="Triton runs on CPU tensors only when interpreted"
         ),
     ),
-    pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
 ]
 
 
@@ -38,7 +37,8 @@ def target(request):
 
 
 def _to(tensors, device):
-    return None if tensors is None else [t.to(device) for t in tensors]
+    # copy=True: on the CPU the backend's tensors must not share storage with the oracle's.
+    return None if tensors is None else [t.to(device, copy=True) for t in tensors]
 
 
 def _segments(sizes, scope):
