@@ -1,0 +1,16 @@
+"""The PECKER recipe on a small class-conditional DDPM: score-forgetting distillation into a one-step
+generator whose updates go only to its most salient weights (see /work/shared/RECIPE.md)."""
+
+from .data import DatasetUnavailableError, load_dataset
+from .losses import sid_loss
+from .trainer import METHODS, Distiller, UnlearnConfig, prepare
+
+__all__ = [
+    "METHODS",
+    "DatasetUnavailableError",
+    "Distiller",
+    "UnlearnConfig",
+    "load_dataset",
+    "prepare",
+    "sid_loss",
+]

@@ -1,0 +1,67 @@
+"""Saving and loading the teacher / classifier checkpoints, with checks that they fit the data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import build
+
+PACKAGED = Path(__file__).parent / "checkpoints"
+
+
+def default_path(dataset: str, kind: str) -> Path:
+    """Where the shipped (or trained-by-default) checkpoint of ``kind`` ("teacher"/"classifier") lives."""
+    return PACKAGED / f"{dataset.replace('-', '_')}_{kind}.pt"
+
+
+def save(path: Path | str, model: nn.Module, kind: str, dataset: str, record: dict[str, Any]) -> None:
+    """Write ``{kind, dataset, model config, state_dict, record}`` (fp32)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    torch.save(
+        {"kind": kind, "dataset": dataset, "config": model.config, "state_dict": state, "record": record},
+        path,
+    )
+
+
+_ARCH = {"teacher": "unet", "classifier": "classifier"}
+
+
+def load(path: Path | str, kind: str, dataset: str, image_size: int, num_classes: int) -> nn.Module:
+    """The ``kind`` network stored at ``path``; ValueError when it is missing or does not fit the data."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f"train one with: python -m pecker_kernels train-{kind} --dataset {dataset}"
+        raise ValueError(f"no {kind} checkpoint at {path}; {hint}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
+    if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
+        raise ValueError(f"{path} is not a pecker_kernels {kind} checkpoint (no config/state_dict)")
+    if blob.get("kind") != kind:
+        raise ValueError(f"{path} holds a {blob.get('kind')!r} checkpoint, expected a {kind!r} one")
+    config = blob["config"]
+    if blob.get("dataset") != dataset or config.get("image_size") != image_size:
+        raise ValueError(
+            f"{path} was trained on {blob.get('dataset')!r} at {config.get('image_size')}px; "
+            f"this run uses {dataset!r} at {image_size}px"
+        )
+    if config.get("num_classes") != num_classes:
+        raise ValueError(f"{path} has {config.get('num_classes')} classes; the data set has {num_classes}")
+    model = build(_ARCH[kind], config)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the {kind} model: {e}") from e
+    return model.eval()
+
+
+def record(path: Path | str) -> dict[str, Any]:
+    """The training record stored inside a checkpoint."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True).get("record", {})
