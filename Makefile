@@ -36,7 +36,9 @@ format: $(DEPS)
 test: $(BUILT) lint
 	$(PY) -m pytest -q
 
+# The main job (unlearn a digit with and without the saliency mask), then the kernel table.
 demo: $(BUILT)
+	$(PY) -m pecker_kernels demo
 	$(PY) -m benchmarks.bench_step --demo
 
 bench: $(BUILT)
