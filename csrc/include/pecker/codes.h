@@ -6,6 +6,10 @@
 
 #if defined(__CUDACC__)
 #define PECKER_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: the CPU kernels instantiate the element math in many loops, and once GCC's unit-growth limit
+// stops inlining, the call keeps a loop scalar.
+#define PECKER_HD inline __attribute__((always_inline))
 #else
 #define PECKER_HD inline
 #endif
@@ -37,6 +41,15 @@ struct StepParams {
   int has_ema;
   float ema_decay;
   int has_exp_avg;  // Adam with beta1 == 0 keeps no first moment; SGD without momentum has no buffer
+  // "1 - x" coefficients computed in double on the host and rounded once, as the eager oracle (torch)
+  // does: in float they lose digits (1 - 0.999f = 0.00099998713, 1.3e-5 off). Used when
+  // has_coefficients is set; callers that leave it 0 get the float derivations from the fields above.
+  int has_coefficients;
+  float decay_factor;  // 1 - lr * weight_decay (AdamW)
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float one_minus_dampening;
+  float one_minus_ema_decay;
 };
 
 }  // namespace pecker

@@ -1,0 +1,96 @@
+// CPU kernels of pecker_kernels._C: the per-range loops (compiled once per instruction set and picked
+// at run time) and the drivers that plan the work over many tensors and run it with OpenMP.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pecker/codes.h"
+
+namespace pecker {
+namespace cpu {
+
+// Where the scores of one tensor come from: |g| or |g * w|, both of dtype `dtype`.
+struct ScoreSrc {
+  const void* g;
+  const void* w;  // nullptr unless score == kScoreGradWeight
+  int dtype;
+  int score;
+};
+
+// One pass of the sample-bracket select over a range: counts around the bracket [lo, hi] and the
+// scores strictly inside it (appended to buf while they fit).
+struct BracketAcc {
+  int64_t finite = 0;  // finite scores
+  int64_t above = 0;   // finite scores > hi
+  int64_t eq_hi = 0;   // scores == hi
+  int64_t eq_lo = 0;   // scores == lo (only when lo < hi)
+  int64_t mid = 0;     // scores in (lo, hi)
+  float* buf = nullptr;
+  int64_t size = 0;
+  int64_t cap = 0;
+  bool overflow = false;  // some mid scores were not stored
+};
+
+// Everything the update loop touches for one tensor. Absent state pointers are nullptr.
+struct UpdateArgs {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  float* e;
+  const uint32_t* mask_in;  // nullptr: select by score
+  uint32_t* mask_out;       // nullptr: no mask written
+  int dtype;
+  int score;
+  StepParams sp;
+};
+
+// Range kernels; element indices are relative to the tensor, and every range starts at a multiple of
+// 32 (a mask word). Selected by score: s >= (i < cut ? t_in : t_st) and s finite.
+struct KernelTable {
+  void (*bracket)(const ScoreSrc&, int64_t begin, int64_t end, float lo, float hi, BracketAcc& acc);
+  // Radix digit histogram of the finite scores whose key >> prefix_shift == prefix.
+  void (*histogram)(const ScoreSrc&, int64_t begin, int64_t end, int prefix_shift, uint32_t prefix,
+                    int digit_shift, uint32_t digit_mask, uint32_t* hist);
+  int64_t (*collect)(const ScoreSrc&, int64_t begin, int64_t end, float* out);  // finite scores
+  int64_t (*count_equal)(const ScoreSrc&, int64_t begin, int64_t end, float value);
+  void (*masks)(const ScoreSrc&, int64_t begin, int64_t end, int64_t cut, float t_in, float t_st,
+                uint32_t* words);
+  void (*update)(const UpdateArgs&, int64_t begin, int64_t end, int64_t cut, float t_in, float t_st);
+};
+
+extern const KernelTable kBaselineKernels;
+extern const KernelTable kAvx2Kernels;
+const KernelTable& kernels();  // the best table this CPU runs
+
+// ---- drivers (ops.cpp) -------------------------------------------------------------------------
+
+struct Tensors {
+  std::vector<int64_t> g;      // data pointers
+  std::vector<int64_t> w;      // empty unless score == grad_weight
+  std::vector<int64_t> numel;  // elements per tensor
+  std::vector<int> dtype;      // codes.h dtype code per tensor
+  int score;
+};
+
+void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
+            float* threshold, int64_t* take, int64_t* ties, int threads);
+
+void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const float* threshold,
+                 const int64_t* take, const int64_t* ties, int64_t num_segments,
+                 const std::vector<int64_t>& masks_out, int threads);
+
+struct UpdateTensors {
+  std::vector<int64_t> p, g, m, v, e;  // m, v, e empty when absent
+  std::vector<int64_t> numel;
+  std::vector<int> dtype;
+  std::vector<int64_t> mask_in, mask_out;  // empty when absent
+};
+
+void update(const UpdateTensors& t, const StepParams& sp, int score, const std::vector<int64_t>& segments,
+            const float* threshold, const int64_t* take, const int64_t* ties, int64_t num_segments,
+            int threads);
+
+}  // namespace cpu
+}  // namespace pecker

@@ -1,0 +1,475 @@
+// Drivers of the CPU ops: plan the work over the tensor list, split it into chunks and run the range
+// kernels with OpenMP. Scores are never stored; every pass recomputes them from g (and w).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace pecker {
+namespace cpu {
+
+const KernelTable& kernels() {
+#if defined(__x86_64__) || defined(__i386__)
+  // PECKER_CPU_ISA=baseline forces the portable kernels (to test them on an AVX2 machine).
+  static const bool avx2 = [] {
+    const char* isa = std::getenv("PECKER_CPU_ISA");
+    const bool forced_baseline = isa != nullptr && std::string(isa) == "baseline";
+    return !forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  if (avx2) return kAvx2Kernels;
+#endif
+  return kBaselineKernels;
+}
+
+namespace {
+
+// Chunk of work: a multiple of 32 (mask words stay inside one chunk) and small enough to balance the
+// threads and to make per-chunk tie counts cheap to rescan.
+constexpr int64_t kChunk = int64_t{1} << 15;
+// Segments up to this size are selected by one thread each (copy + nth_element).
+constexpr int64_t kSmallSegment = int64_t{1} << 15;
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMin = int64_t{1} << 14;
+
+constexpr float kInf = __builtin_inff();
+
+template <class T>
+T* as_ptr(int64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+struct Range {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+void append_chunks(std::vector<Range>& out, int64_t tensor, int64_t numel) {
+  for (int64_t b = 0; b < numel; b += kChunk) out.push_back({tensor, b, std::min(numel, b + kChunk)});
+}
+
+ScoreSrc score_src(const Tensors& t, int64_t i) {
+  return ScoreSrc{as_ptr<const void>(t.g[i]), t.w.empty() ? nullptr : as_ptr<const void>(t.w[i]), t.dtype[i],
+                  t.score};
+}
+
+struct Result {
+  float threshold;
+  int64_t take;
+  int64_t ties;
+};
+
+constexpr Result kNothing{kInf, 0, 0};
+
+// Exact selection among `n` finite scores held in memory (reordered in place).
+Result select_in_memory(float* s, int64_t n, int64_t k) {
+  const int64_t k_eff = std::min(k, n);
+  if (k_eff <= 0) return kNothing;
+  std::nth_element(s, s + (k_eff - 1), s + n, std::greater<float>());
+  const float thr = s[k_eff - 1];
+  int64_t greater = 0, equal = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    greater += s[i] > thr;
+    equal += s[i] == thr;
+  }
+  return Result{thr, k_eff - greater, equal};
+}
+
+struct Segment {
+  std::vector<int64_t> members;  // tensor indices in list order
+  int64_t numel = 0;
+};
+
+std::vector<Segment> segments_of(const std::vector<int64_t>& segments, const std::vector<int64_t>& numel,
+                                 int64_t num_segments) {
+  std::vector<Segment> out(static_cast<size_t>(num_segments));
+  for (size_t i = 0; i < segments.size(); ++i) {
+    Segment& s = out[static_cast<size_t>(segments[i])];
+    s.members.push_back(static_cast<int64_t>(i));
+    s.numel += numel[i];
+  }
+  return out;
+}
+
+// MSD radix select on the score bits (11 + 11 + 10), one parallel histogram pass per digit.
+Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t k, int threads) {
+  const KernelTable& K = kernels();
+  constexpr int kShift[3] = {21, 10, 0};
+  constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x3FF};
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  int64_t total = 0;
+  for (const Range& r : chunks) total += r.end - r.begin;
+  const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
+  std::vector<uint32_t> hists(static_cast<size_t>(nt) * 2048);
+  std::vector<int64_t> hist(2048);
+  int prefix_shift = 31;
+  uint32_t prefix = 0;
+  int64_t need = 0;
+  for (int d = 0; d < 3; ++d) {
+    std::fill(hists.begin(), hists.end(), 0u);
+#pragma omp parallel num_threads(nt)
+    {
+      uint32_t* mine = hists.data() + static_cast<size_t>(omp_get_thread_num()) * 2048;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const Range& r = chunks[static_cast<size_t>(c)];
+        K.histogram(score_src(t, r.tensor), r.begin, r.end, prefix_shift, prefix, kShift[d], kMask[d], mine);
+      }
+    }
+    // Chunks hold at most kChunk elements, so a uint32 bucket of one thread cannot overflow; the
+    // merged counts are int64.
+    std::fill(hist.begin(), hist.end(), 0);
+    for (int th = 0; th < nt; ++th)
+      for (int b = 0; b < 2048; ++b) hist[static_cast<size_t>(b)] += hists[static_cast<size_t>(th) * 2048 + b];
+    if (d == 0) {
+      int64_t finite = 0;
+      for (int64_t c : hist) finite += c;
+      need = std::min(k, finite);
+      if (need <= 0) return kNothing;
+    }
+    int64_t bucket = static_cast<int64_t>(kMask[d]);
+    for (; bucket > 0; --bucket) {
+      const int64_t c = hist[static_cast<size_t>(bucket)];
+      if (c >= need) break;
+      need -= c;
+    }
+    prefix = (prefix << (d == 2 ? 10 : 11)) | static_cast<uint32_t>(bucket);
+    prefix_shift = kShift[d];
+    if (d == 2) {
+      float thr;
+      std::memcpy(&thr, &prefix, sizeof thr);
+      return Result{thr, need, hist[static_cast<size_t>(bucket)]};
+    }
+  }
+  return kNothing;  // not reached
+}
+
+// Sample-bracket select: a sample of the scores gives [lo, hi] holding the k-th largest with high
+// probability; one pass counts the scores above/at the bracket ends and keeps those inside it, and an
+// exact select on the kept few finishes. A miss (or too many kept) falls back to radix_select, so the
+// result is exact whatever the sample says.
+Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Range>& chunks, int64_t k,
+                      int threads) {
+  const KernelTable& K = kernels();
+  const int64_t n = seg.numel;
+  // The sample is taken in short runs (one cache line of fp32 each): a run costs one cache miss where
+  // scattered single elements cost one each, and the runs still spread over the whole segment.
+  constexpr int64_t kRun = 16;
+  const int64_t runs = std::clamp<int64_t>(n / (16 * kRun), 64, 4096);
+  std::vector<float> sample(static_cast<size_t>(runs * kRun));
+  int64_t m = 0;   // scores sampled, finite or not
+  int64_t mf = 0;  // finite ones, packed at the front of `sample`
+  {
+    size_t member = 0;
+    int64_t offset = 0;  // flat index of the current member's first element
+    for (int64_t j = 0; j < runs; ++j) {
+      const int64_t pos = ((2 * j + 1) * n) / (2 * runs);
+      while (pos >= offset + t.numel[static_cast<size_t>(seg.members[member])]) {
+        offset += t.numel[static_cast<size_t>(seg.members[member])];
+        ++member;
+      }
+      const int64_t i = seg.members[member];
+      const int64_t b = pos - offset;
+      const int64_t e = std::min(b + kRun, t.numel[static_cast<size_t>(i)]);
+      mf += K.collect(score_src(t, i), b, e, sample.data() + mf);
+      m += e - b;
+    }
+  }
+  sample.resize(static_cast<size_t>(mf));
+  float lo = 0.0f, hi = __FLT_MAX__;
+  double kept_fraction = 1.0;
+  if (mf > 0) {
+    // Expected position of the k-th largest among the finite samples (clamped: k may exceed n).
+    const double r = std::min(static_cast<double>(k) * static_cast<double>(m) / static_cast<double>(n) - 0.5,
+                              static_cast<double>(m));
+    const double margin = 4.0 * std::sqrt(std::max(r, 0.0) + 1.0) + 4.0;
+    const int64_t hi_idx = static_cast<int64_t>(std::floor(r - margin));
+    const int64_t lo_idx = static_cast<int64_t>(std::ceil(r + margin));
+    // Only the two order statistics are needed (descending): two partial selections, no sort.
+    const auto first = sample.begin();
+    auto until = sample.end();
+    if (lo_idx < mf) {
+      const auto at = first + std::max<int64_t>(lo_idx, 0);
+      std::nth_element(first, at, until, std::greater<float>());
+      lo = *at;
+      until = at;
+    }
+    if (hi_idx >= 0) {
+      const auto at = first + std::min(hi_idx, mf - 1);
+      if (at < until) std::nth_element(first, at, until, std::greater<float>());
+      hi = *at;
+    }
+    kept_fraction =
+        static_cast<double>(std::max<int64_t>(std::min(lo_idx, mf) - std::max<int64_t>(hi_idx, 0), 0)) / m;
+  }
+  const int nt = n >= kParallelMin ? std::max(1, threads) : 1;
+  // Room for three times the expected share of each thread, so an unlucky spread rarely overflows.
+  // Beyond n / 8 kept scores an in-memory select costs more than the radix passes it would save.
+  const int64_t cap = std::min(std::max<int64_t>(n / 8, 65536),
+                               static_cast<int64_t>(3.0 * kept_fraction * static_cast<double>(n) / nt) + 4096);
+  std::vector<BracketAcc> accs(static_cast<size_t>(nt));
+  std::vector<std::unique_ptr<float[]>> bufs(static_cast<size_t>(nt));
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel num_threads(nt)
+  {
+    const size_t me = static_cast<size_t>(omp_get_thread_num());
+    bufs[me].reset(new float[static_cast<size_t>(cap)]);  // uninitialised on purpose
+    BracketAcc acc;
+    acc.buf = bufs[me].get();
+    acc.cap = cap;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Range& r = chunks[static_cast<size_t>(c)];
+      K.bracket(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
+    }
+    accs[me] = acc;
+  }
+  BracketAcc all;
+  for (const BracketAcc& a : accs) {
+    all.finite += a.finite;
+    all.above += a.above;
+    all.eq_hi += a.eq_hi;
+    all.eq_lo += a.eq_lo;
+    all.mid += a.mid;
+    all.size += a.size;
+    all.overflow |= a.overflow;
+  }
+  const int64_t k_eff = std::min(k, all.finite);
+  if (k_eff <= 0) return kNothing;
+  // Descending order of the finite scores: above | == hi | (lo, hi) | == lo | below.
+  if (k_eff > all.above) {
+    int64_t rank = k_eff - all.above;
+    if (rank <= all.eq_hi) return Result{hi, rank, all.eq_hi};
+    rank -= all.eq_hi;
+    if (rank <= all.mid && !all.overflow) {
+      std::vector<float> kept(static_cast<size_t>(all.size));
+      size_t at = 0;
+      for (size_t th = 0; th < accs.size(); ++th) {
+        std::copy(bufs[th].get(), bufs[th].get() + accs[th].size, kept.begin() + static_cast<std::ptrdiff_t>(at));
+        at += static_cast<size_t>(accs[th].size);
+      }
+      // The threshold lies strictly inside (lo, hi), so all its ties are among the kept scores.
+      return select_in_memory(kept.data(), all.size, rank);
+    }
+    if (rank > all.mid) {
+      rank -= all.mid;
+      if (rank <= all.eq_lo) return Result{lo, rank, all.eq_lo};
+    }
+  }
+  return radix_select(t, chunks, k, threads);
+}
+
+// PECKER_CPU_SELECT=radix skips the bracket (to test the fallback on inputs where it would hit).
+bool force_radix() {
+  static const bool radix =
+      std::getenv("PECKER_CPU_SELECT") && std::string(std::getenv("PECKER_CPU_SELECT")) == "radix";
+  return radix;
+}
+
+}  // namespace
+
+void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
+            float* threshold, int64_t* take, int64_t* ties, int threads) {
+  const KernelTable& K = kernels();
+  const int64_t num_segments = static_cast<int64_t>(ks.size());
+  const std::vector<Segment> segs = segments_of(segments, t.numel, num_segments);
+  std::vector<int64_t> small;
+  int64_t small_total = 0;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const Segment& seg = segs[static_cast<size_t>(s)];
+    if (seg.numel <= kSmallSegment) {
+      small.push_back(s);
+      small_total += seg.numel;
+      continue;
+    }
+    std::vector<Range> chunks;
+    for (int64_t i : seg.members) append_chunks(chunks, i, t.numel[static_cast<size_t>(i)]);
+    const int64_t k = ks[static_cast<size_t>(s)];
+    const Result r = force_radix() ? radix_select(t, chunks, k, threads) : bracket_select(t, seg, chunks, k, threads);
+    threshold[s] = r.threshold;
+    take[s] = r.take;
+    ties[s] = r.ties;
+  }
+  const int64_t nsmall = static_cast<int64_t>(small.size());
+  const int nt = small_total >= kParallelMin ? std::max(1, threads) : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t idx = 0; idx < nsmall; ++idx) {
+      const int64_t s = small[static_cast<size_t>(idx)];
+      const Segment& seg = segs[static_cast<size_t>(s)];
+      buf.resize(static_cast<size_t>(seg.numel));
+      int64_t n = 0;
+      for (int64_t i : seg.members)
+        n += K.collect(score_src(t, i), 0, t.numel[static_cast<size_t>(i)], buf.data() + n);
+      const Result r = select_in_memory(buf.data(), n, ks[static_cast<size_t>(s)]);
+      threshold[s] = r.threshold;
+      take[s] = r.take;
+      ties[s] = r.ties;
+    }
+  }
+}
+
+namespace {
+
+// A chunk of one tensor with its selection rule: score >= t_in before `cut`, score >= t_st from it on
+// (t_st is the next float above the threshold, so ">= t_st" is "> threshold").
+struct Piece {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+  int64_t cut;
+  float t_in;
+  float t_st;
+};
+
+// Resolves the tie rule into per-chunk cut points: ties in flat segment order before the take-th one
+// are selected. Only segments with 0 < take < ties need the extra counting pass.
+std::vector<Piece> plan(const std::vector<int64_t>& numel, const std::vector<int64_t>& segments,
+                        const float* threshold, const int64_t* take, const int64_t* ties,
+                        int64_t num_segments, const std::function<ScoreSrc(int64_t)>& src, int threads) {
+  const KernelTable& K = kernels();
+  std::vector<Piece> pieces;
+  std::vector<int64_t> ranked;  // indices of pieces whose cut needs tie counts
+  int64_t ranked_total = 0;
+  for (size_t i = 0; i < numel.size(); ++i) {
+    const int64_t s = segments[i];
+    const float thr = threshold[s];
+    const float t_st = std::nextafter(thr, kInf);
+    const int64_t n = numel[i];
+    for (int64_t b = 0; b < n; b += kChunk) {
+      const int64_t e = std::min(n, b + kChunk);
+      int64_t cut = e;
+      if (take[s] <= 0) {
+        cut = b;
+      } else if (take[s] < ties[s]) {
+        ranked.push_back(static_cast<int64_t>(pieces.size()));
+        ranked_total += e - b;
+      }
+      pieces.push_back(Piece{static_cast<int64_t>(i), b, e, cut, thr, t_st});
+    }
+  }
+  if (ranked.empty()) return pieces;
+  const int64_t nranked = static_cast<int64_t>(ranked.size());
+  std::vector<int64_t> count(ranked.size());
+  const int nt = ranked_total >= kParallelMin ? std::max(1, threads) : 1;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t r = 0; r < nranked; ++r) {
+    const Piece& p = pieces[static_cast<size_t>(ranked[static_cast<size_t>(r)])];
+    count[static_cast<size_t>(r)] = K.count_equal(src(p.tensor), p.begin, p.end, p.t_in);
+  }
+  // Pieces are in list order, which is flat order within every segment: a running count per segment.
+  std::vector<int64_t> before(static_cast<size_t>(num_segments), 0);
+  std::vector<int64_t> boundary, limit;
+  for (int64_t r = 0; r < nranked; ++r) {
+    Piece& p = pieces[static_cast<size_t>(ranked[static_cast<size_t>(r)])];
+    const int64_t s = segments[static_cast<size_t>(p.tensor)];
+    const int64_t allowed = take[s] - before[static_cast<size_t>(s)];
+    const int64_t c = count[static_cast<size_t>(r)];
+    if (allowed <= 0) {
+      p.cut = p.begin;
+    } else if (allowed >= c) {
+      p.cut = p.end;
+    } else {
+      boundary.push_back(ranked[static_cast<size_t>(r)]);
+      limit.push_back(allowed);
+    }
+    before[static_cast<size_t>(s)] += c;
+  }
+  // At most one boundary chunk per segment: find the element after its allowed-th tie.
+  const int64_t nboundary = static_cast<int64_t>(boundary.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t b = 0; b < nboundary; ++b) {
+    Piece& p = pieces[static_cast<size_t>(boundary[static_cast<size_t>(b)])];
+    const ScoreSrc sc = src(p.tensor);
+    int64_t left = limit[static_cast<size_t>(b)];
+    int64_t i = p.begin;
+    for (; i < p.end; i += 64) {
+      const int64_t c = K.count_equal(sc, i, std::min(p.end, i + 64), p.t_in);
+      if (c >= left) break;
+      left -= c;
+    }
+    for (;; ++i) {
+      left -= K.count_equal(sc, i, i + 1, p.t_in);
+      if (left == 0) break;
+    }
+    p.cut = i + 1;
+  }
+  return pieces;
+}
+
+}  // namespace
+
+void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const float* threshold,
+                 const int64_t* take, const int64_t* ties, int64_t num_segments,
+                 const std::vector<int64_t>& masks_out, int threads) {
+  const KernelTable& K = kernels();
+  auto src = [&](int64_t i) { return score_src(t, i); };
+  const std::vector<Piece> pieces =
+      plan(t.numel, segments, threshold, take, ties, num_segments, src, threads);
+  int64_t total = 0;
+  for (int64_t n : t.numel) total += n;
+  const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
+  const int64_t npieces = static_cast<int64_t>(pieces.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < npieces; ++c) {
+    const Piece& p = pieces[static_cast<size_t>(c)];
+    K.masks(src(p.tensor), p.begin, p.end, p.cut, p.t_in, p.t_st,
+            as_ptr<uint32_t>(masks_out[static_cast<size_t>(p.tensor)]));
+  }
+}
+
+void update(const UpdateTensors& t, const StepParams& sp, int score, const std::vector<int64_t>& segments,
+            const float* threshold, const int64_t* take, const int64_t* ties, int64_t num_segments,
+            int threads) {
+  const KernelTable& K = kernels();
+  auto src = [&](int64_t i) {
+    return ScoreSrc{as_ptr<const void>(t.g[static_cast<size_t>(i)]),
+                    score == kScoreGradWeight ? as_ptr<const void>(t.p[static_cast<size_t>(i)]) : nullptr,
+                    t.dtype[static_cast<size_t>(i)], score};
+  };
+  std::vector<Piece> pieces;
+  if (t.mask_in.empty()) {
+    pieces = plan(t.numel, segments, threshold, take, ties, num_segments, src, threads);
+  } else {
+    for (size_t i = 0; i < t.numel.size(); ++i)
+      for (int64_t b = 0; b < t.numel[i]; b += kChunk)
+        pieces.push_back(Piece{static_cast<int64_t>(i), b, std::min(t.numel[i], b + kChunk), 0, 0.0f, 0.0f});
+  }
+  int64_t total = 0;
+  for (int64_t n : t.numel) total += n;
+  const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
+  const int64_t npieces = static_cast<int64_t>(pieces.size());
+  auto opt = [](const std::vector<int64_t>& v, size_t i, auto* type_tag) {
+    using P = std::remove_pointer_t<decltype(type_tag)>;
+    return v.empty() ? nullptr : as_ptr<P>(v[i]);
+  };
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < npieces; ++c) {
+    const Piece& p = pieces[static_cast<size_t>(c)];
+    const size_t i = static_cast<size_t>(p.tensor);
+    const UpdateArgs a{as_ptr<void>(t.p[i]),
+                       as_ptr<const void>(t.g[i]),
+                       opt(t.m, i, static_cast<float*>(nullptr)),
+                       opt(t.v, i, static_cast<float*>(nullptr)),
+                       opt(t.e, i, static_cast<float*>(nullptr)),
+                       opt(t.mask_in, i, static_cast<const uint32_t*>(nullptr)),
+                       opt(t.mask_out, i, static_cast<uint32_t*>(nullptr)),
+                       t.dtype[i],
+                       score,
+                       sp};
+    K.update(a, p.begin, p.end, p.cut, p.t_in, p.t_st);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pecker

@@ -1,0 +1,168 @@
+"""C++/OpenMP implementation of the backend contract (``pecker_kernels._C``) for CPU tensors.
+
+The compiled module takes lists of data pointers, sizes and dtype codes, so one call covers every
+tensor of a scope; this module only gathers those lists and allocates the outputs. Inputs are
+already validated (see ``base``), so nothing is checked here beyond what the C++ side needs. The
+``Selection`` tensors live on the CPU and the kernels read them directly: on the host there is no
+synchronisation to avoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import DTYPE_CODES, OPTIMIZER_CODES, SCORE_CODES, Selection, StepConfig, TensorGroup
+from .native import cpu_module
+
+name = "cpu"
+
+
+def is_available(device: torch.device) -> bool:
+    return cpu_module is not None and torch.device(device).type == "cpu"
+
+
+def _ptrs(tensors: Sequence[Tensor] | None) -> list[int]:
+    return [] if tensors is None else [t.data_ptr() for t in tensors]
+
+
+def _sizes(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    return [t.numel() for t in tensors], [DTYPE_CODES[t.dtype] for t in tensors]
+
+
+def _weight_ptrs(weights: Sequence[Tensor] | None, score: str) -> list[int]:
+    # The C++ side reads weights only for the grad_weight score; an empty list means "none".
+    return _ptrs(weights) if score == "grad_weight" else []
+
+
+def _selection_tensors(selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
+    # Selections from select() are already in this layout (no copy); the caller keeps the results
+    # alive while the kernel reads them.
+    return (
+        selection.threshold.to(torch.float32).contiguous(),
+        selection.take.to(torch.int64).contiguous(),
+        selection.ties.to(torch.int64).contiguous(),
+    )
+
+
+def select(
+    grads: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    score: str,
+    segments: Sequence[int],
+    ks: Sequence[int],
+) -> Selection:
+    num_segments = len(ks)
+    threshold = torch.empty(num_segments, dtype=torch.float32)
+    take = torch.empty(num_segments, dtype=torch.int64)
+    ties = torch.empty(num_segments, dtype=torch.int64)
+    numel, dtypes = _sizes(grads)
+    cpu_module.select(
+        _ptrs(grads),
+        _weight_ptrs(weights, score),
+        numel,
+        dtypes,
+        SCORE_CODES[score],
+        list(segments),
+        [int(k) for k in ks],
+        threshold.data_ptr(),
+        take.data_ptr(),
+        ties.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return Selection(threshold=threshold, take=take, ties=ties)
+
+
+def write_masks(
+    grads: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    score: str,
+    segments: Sequence[int],
+    selection: Selection,
+    masks_out: Sequence[Tensor],
+) -> None:
+    numel, dtypes = _sizes(grads)
+    threshold, take, ties = _selection_tensors(selection)
+    cpu_module.write_masks(
+        _ptrs(grads),
+        _weight_ptrs(weights, score),
+        numel,
+        dtypes,
+        SCORE_CODES[score],
+        list(segments),
+        threshold.data_ptr(),
+        take.data_ptr(),
+        ties.data_ptr(),
+        threshold.numel(),
+        _ptrs(masks_out),
+        torch.get_num_threads(),
+    )
+
+
+def _step_params(config: StepConfig, has_exp_avg: bool, has_ema: bool):
+    sp = cpu_module.StepParams()
+    sp.kind = OPTIMIZER_CODES[config.kind]
+    sp.lr = config.lr
+    sp.weight_decay = config.weight_decay
+    sp.beta1 = config.beta1
+    sp.beta2 = config.beta2
+    sp.eps = config.eps
+    sp.step_size = config.step_size
+    sp.bias_correction2_sqrt = config.bias_correction2_sqrt
+    sp.momentum = config.momentum
+    sp.dampening = config.dampening
+    sp.nesterov = int(config.nesterov)
+    sp.momentum_init = int(config.momentum_init)
+    sp.has_clip = int(config.clip_value is not None)
+    sp.clip_value = 0.0 if config.clip_value is None else config.clip_value
+    sp.has_ema = int(has_ema)
+    sp.ema_decay = 0.0 if config.ema_decay is None else config.ema_decay
+    sp.has_exp_avg = int(has_exp_avg)
+    # The "1 - x" coefficients in double, rounded once (as torch rounds the eager oracle's scalars).
+    sp.has_coefficients = 1
+    sp.decay_factor = 1.0 - config.lr * config.weight_decay
+    sp.one_minus_beta1 = 1.0 - config.beta1
+    sp.one_minus_beta2 = 1.0 - config.beta2
+    sp.one_minus_dampening = 1.0 - config.dampening
+    sp.one_minus_ema_decay = 0.0 if config.ema_decay is None else 1.0 - config.ema_decay
+    return sp
+
+
+def update(
+    group: TensorGroup,
+    config: StepConfig,
+    score: str,
+    segments: Sequence[int],
+    selection: Selection | None = None,
+    masks_in: Sequence[Tensor] | None = None,
+    masks_out: Sequence[Tensor] | None = None,
+) -> None:
+    numel, dtypes = _sizes(group.params)
+    chosen = None if selection is None else _selection_tensors(selection)
+    threshold, take, ties = (0, 0, 0) if chosen is None else (t.data_ptr() for t in chosen)
+    num_segments = 0 if chosen is None else chosen[0].numel()
+    # The kernel keeps no first moment without exp_avg (Adam beta1 == 0, SGD without momentum).
+    exp_avg = group.exp_avg
+    exp_avg_sq = group.exp_avg_sq if config.kind != "sgd" else None
+    ema = group.ema if config.ema_decay is not None else None
+    cpu_module.update(
+        _ptrs(group.params),
+        _ptrs(group.grads),
+        _ptrs(exp_avg),
+        _ptrs(exp_avg_sq),
+        _ptrs(ema),
+        numel,
+        dtypes,
+        _step_params(config, exp_avg is not None, ema is not None),
+        SCORE_CODES[score],
+        list(segments),
+        threshold,
+        take,
+        ties,
+        num_segments,
+        _ptrs(masks_in if selection is None else None),
+        _ptrs(masks_out),
+        torch.get_num_threads(),
+    )
