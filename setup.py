@@ -47,8 +47,8 @@ class CMakeBuild(build_ext):
             f"-DPECKER_OUTPUT_DIR={out_dir}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
-        if not _with_cuda():
-            configure.append("-DPECKER_WITH_CUDA=OFF")
+        # Always explicit: CMake's cache would otherwise keep the choice of an earlier configure.
+        configure.append(f"-DPECKER_WITH_CUDA={'ON' if _with_cuda() else 'OFF'}")
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel"], check=True)
 
