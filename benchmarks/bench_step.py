@@ -27,7 +27,10 @@ from .timing import measure, summary
 def contenders_for(n: int, device: str, ratio: float, with_compile: bool, with_slow: bool) -> list:
     rows = [lambda: c.copy(n, device), lambda: c.torch_adamw(n, device, "fused")]
     if with_slow:
-        rows += [lambda: c.torch_adamw(n, device, "foreach"), lambda: c.torch_adamw(n, device, "single-tensor")]
+        rows += [
+            lambda: c.torch_adamw(n, device, "foreach"),
+            lambda: c.torch_adamw(n, device, "single-tensor"),
+        ]
     for backend in pk.available_backends(device):
         if backend == "eager" or (backend == "triton" and not device.startswith("cuda")):
             continue  # the oracle and the Triton interpreter are references, not contenders
@@ -44,14 +47,18 @@ def contenders_for(n: int, device: str, ratio: float, with_compile: bool, with_s
     return rows
 
 
-def run(sizes: list[int], device: str, ratio: float, reps: int, with_compile: bool, with_slow: bool) -> list[dict]:
+def run(
+    sizes: list[int], device: str, ratio: float, reps: int, with_compile: bool, with_slow: bool
+) -> list[dict]:
     results = []
     for n in sizes:
         rows = []
         for make in contenders_for(n, device, ratio, with_compile, with_slow):
             contender = make()
             stats = summary(measure(contender.step, device, reps=reps))
-            rows.append({"size": n, "name": contender.name, "bytes_per_param": contender.bytes_per_param, **stats})
+            rows.append(
+                {"size": n, "name": contender.name, "bytes_per_param": contender.bytes_per_param, **stats}
+            )
             del contender
             gc.collect()
         floor = next(r["median_s"] for r in rows if r["name"] == "torch AdamW (fused)")
@@ -93,7 +100,9 @@ def environment(device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     parser.add_argument("--ratio", type=float, default=0.5)

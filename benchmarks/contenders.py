@@ -32,13 +32,16 @@ def _problem(n: int, device: str, seed: int = 0):
 
 def torch_adamw(n: int, device: str, impl: str) -> Contender:
     p = _problem(n, device)
-    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single-tensor": dict(foreach=False)}[impl]
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "single-tensor": dict(foreach=False)}[
+        impl
+    ]
     opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=1e-2, **flags)
     return Contender(f"torch AdamW ({impl})", opt.step, 28.0)
 
 
-def _masked_then_adamw(n: int, device: str, make_mask: Callable[[torch.Tensor], torch.Tensor], name: str,
-                       extra_bytes: float) -> Contender:
+def _masked_then_adamw(
+    n: int, device: str, make_mask: Callable[[torch.Tensor], torch.Tensor], name: str, extra_bytes: float
+) -> Contender:
     """The eager pattern users write today: build a mask, multiply the gradient, step torch AdamW."""
     p = _problem(n, device)
     opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=1e-2, fused=True)
@@ -97,15 +100,30 @@ def ours(n: int, device: str, ratio: float, backend: str, stored_mask: bool, bet
     m = None if beta1 == 0 else torch.zeros_like(p)
     v = torch.zeros_like(p)
     masks = empty_masks([p])
-    pk.masked_update([p], [g], _config(beta1), exp_avg=None if m is None else [m], exp_avg_sq=[v], ratio=ratio,
-                     masks_out=masks, backend=backend)
+    pk.masked_update(
+        [p],
+        [g],
+        _config(beta1),
+        exp_avg=None if m is None else [m],
+        exp_avg_sq=[v],
+        ratio=ratio,
+        masks_out=masks,
+        backend=backend,
+    )
     state = {"step": 1}
 
     def step() -> None:
         state["step"] += 1
         kwargs = dict(masks_in=masks) if stored_mask else dict(ratio=ratio)
-        pk.masked_update([p], [g], _config(beta1, state["step"]), exp_avg=None if m is None else [m],
-                         exp_avg_sq=[v], backend=backend, **kwargs)
+        pk.masked_update(
+            [p],
+            [g],
+            _config(beta1, state["step"]),
+            exp_avg=None if m is None else [m],
+            exp_avg_sq=[v],
+            backend=backend,
+            **kwargs,
+        )
 
     base = 28.0 if beta1 > 0 else 20.0
     # Stored mask: + 1 bit. Reselection: about three digit passes over g (+ a possible tie pass).
