@@ -128,7 +128,7 @@ def ours(n: int, device: str, ratio: float, backend: str, stored_mask: bool, bet
     base = 28.0 if beta1 > 0 else 20.0
     # Stored mask: + 1 bit. Reselection: about three digit passes over g (+ a possible tie pass).
     extra = 1 / 8 if stored_mask else 3 * 4.0
-    mode = "stored mask" if stored_mask else "reselect"
+    mode = ("stored mask" if stored_mask else "reselect") + (", beta1=0" if beta1 == 0 else "")
     return Contender(f"pecker {backend} ({mode})", step, base + extra)
 
 
