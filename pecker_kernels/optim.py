@@ -102,6 +102,9 @@ class _SalientOptimizer(Optimizer):
 
     # ---- the step ------------------------------------------------------------------------------
 
+    # Compiled training steps graph-break here: the kernels are opaque to dynamo, and running the
+    # step eagerly is both correct and as fast (it is one fused pass already).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

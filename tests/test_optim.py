@@ -255,3 +255,39 @@ def test_sparse_gradients_are_rejected_and_nothing_changes():
     with pytest.raises(TypeError, match="sparse gradients"):
         optimizer.step()
     assert torch.equal(embedding.weight, before)
+
+
+def test_a_training_step_under_torch_compile_gives_the_eager_result():
+    eager_model, compiled_model = _model(), _model()
+    eager_opt = pk.SalientAdamW(eager_model.parameters(), lr=1e-2, ratio=0.5)
+    compiled_opt = pk.SalientAdamW(compiled_model.parameters(), lr=1e-2, ratio=0.5)
+
+    def train_step(model, optimizer, x):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    compiled_step = torch.compile(train_step)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(8, 12, generator=gen)
+        train_step(eager_model, eager_opt, x)
+        compiled_step(compiled_model, compiled_opt, x)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_unscales_and_steps_like_torch_adamw():
+    ours_model, reference = _model(), _model()
+    ours = pk.SalientAdamW(ours_model.parameters(), lr=1e-2, ratio=1.0)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference, theirs)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            scaler.scale(model(torch.randn(8, 12, generator=gen)).pow(2).mean()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    for p, q in zip(ours_model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
