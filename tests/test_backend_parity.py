@@ -84,6 +84,27 @@ def test_selection_matches_eager_with_ties_zeros_and_nonfinite(target, score, sc
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("ratio", [0.003, 0.5, 0.97])
+@pytest.mark.parametrize("zeros", [0.05, 0.8])
+def test_selection_of_large_segments_matches_eager(target, ratio, zeros):
+    """Segments large enough for the CPU's sampled bracket (and its radix fallback) to run."""
+    backend, device = target
+    sizes = (70_001, 50_000)
+    grads = gradients(sizes, seed=int(ratio * 1000))
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.where(torch.rand(g.shape, generator=gen) < zeros, torch.zeros_like(g), g) for g in grads]
+    ks = _ks(sizes, [0, 0], ratio)
+    want = eager.select(grads, None, "grad", [0, 0], ks)
+    got = backend.select(_to(grads, device), None, "grad", [0, 0], ks)
+    _assert_same_selection(got, want)
+    for g, w in zip(
+        _masks_of(backend, _to(grads, device), None, "grad", [0, 0], got),
+        _masks_of(eager, grads, None, "grad", [0, 0], want),
+        strict=True,
+    ):
+        assert torch.equal(g, w)
+
+
 def test_selection_of_many_small_tensors_matches_eager(target):
     backend, device = target
     grads = gradients(MANY_SMALL, seed=3)
