@@ -94,6 +94,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Time per parameter against size, one line per contender (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = [r for r in results if r["name"] == name]
+        ax.plot(
+            [r["size"] for r in rows], [1e9 * r["median_s"] / r["size"] for r in rows], marker="o", label=name
+        )
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="ns per parameter (median)")
+    ax.set_title("one optimizer step")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def environment(device: str) -> dict:
     env = {
         "torch": torch.__version__,
@@ -133,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"environment": environment(args.device), "ratio": args.ratio, "results": results}
         (args.out / "results.json").write_text(json.dumps(payload, indent=2))
         (args.out / "results.md").write_text(text + "\n")
+        plot(results, args.out / "time_per_parameter.png")
 
 
 if __name__ == "__main__":
