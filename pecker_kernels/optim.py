@@ -33,7 +33,7 @@ from . import dispatch
 from .backends import eager
 from .backends.base import PARAM_DTYPES, SCORES, StepConfig, TensorGroup, empty_masks
 from .profiling import nvtx_range
-from .select import budgets
+from .select import budgets, segments_of
 from .update import check_config
 from .validation import SCOPES, check_choice, check_ratio
 
@@ -185,7 +185,7 @@ class _SalientOptimizer(Optimizer):
             if "mask" not in state:
                 state["mask"] = empty_masks([p])[0]
         masks = [s["mask"] for s in states]
-        segments = [0] * len(params) if lead["scope"] == "global" else list(range(len(params)))
+        segments = segments_of(params, lead["scope"])
         score = lead["score"]
 
         # One update call per (group, step count): bias corrections and hyper-parameters differ.
@@ -195,11 +195,8 @@ class _SalientOptimizer(Optimizer):
 
         selection = None
         if due:
-            with nvtx_range("select"):
-                weights = params if score == "grad_weight" else None
-                selection = impl.select(
-                    grads, weights, score, segments, budgets(params, segments, lead["ratio"])
-                )
+            weights = params if score == "grad_weight" else None
+            selection = _select(impl, lead, grads, weights, segments)
             if len(calls) > 1:  # tie ranks span the whole scope: fix the mask once, then update by call
                 with nvtx_range("write_masks"):
                     impl.write_masks(grads, weights, score, segments, selection, masks)
@@ -285,14 +282,10 @@ class _SalientOptimizer(Optimizer):
             lead = groups[0]
             scope_params = [p for g in groups for p in g["params"]]
             scope_grads = [grads[index[id(p)]].detach().contiguous() for p in scope_params]
-            segments = (
-                [0] * len(scope_params) if lead["scope"] == "global" else list(range(len(scope_params)))
-            )
+            segments = segments_of(scope_params, lead["scope"])
             impl = dispatch.resolve(lead["backend"], scope_params[0].device)
             weights = [p.detach() for p in scope_params] if lead["score"] == "grad_weight" else None
-            selection = impl.select(
-                scope_grads, weights, lead["score"], segments, budgets(scope_params, segments, lead["ratio"])
-            )
+            selection = _select(impl, lead, scope_grads, weights, segments)
             masks = empty_masks(scope_params)
             impl.write_masks(scope_grads, weights, lead["score"], segments, selection, masks)
             for p, words in zip(scope_params, masks, strict=True):
@@ -424,6 +417,14 @@ class SalientSGD(_SalientOptimizer):
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
         return ("momentum_buffer" if group["momentum"] > 0 else None), None
+
+
+def _select(
+    impl, lead: dict[str, Any], grads: list[Tensor], weights: list[Tensor] | None, segments: list[int]
+):
+    """The scope's selection: the top ``lead["ratio"]`` of the ``lead["score"]`` scores per segment."""
+    with nvtx_range("select"):
+        return impl.select(grads, weights, lead["score"], segments, budgets(grads, segments, lead["ratio"]))
 
 
 def _saliency(ratio, score, scope, refresh_every, clip_value, ema, backend) -> dict[str, Any]:
