@@ -12,6 +12,9 @@ torch optimizer they replace, plus keyword-only saliency options (all settable p
 * ``clip_value``: clip gradients by value inside the fused step. ``ema``: keep an EMA copy of the
   parameters (decay) in the same pass, see ``ema_parameters()``.
 * ``backend``: "auto", "eager", "cpu", "cuda" or "triton".
+* ``process_group``: the parameters are this rank's shards of one global set; selections span every
+  rank of the group (see ``pecker_kernels.distributed``). Sharded DTensor parameters (FSDP2) bring
+  their mesh's group without it. Replicated parameters (DDP) need neither.
 
 Selection order is param-group order, then parameter order, each tensor row-major; ties at the
 threshold go to the lower flat index and non-finite scores are never selected. Unselected elements are
@@ -29,13 +32,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import dispatch
+from . import dispatch, distributed
 from .backends import eager
 from .backends.base import PARAM_DTYPES, SCORES, StepConfig, TensorGroup, empty_masks
 from .profiling import nvtx_range
 from .select import budgets, segments_of
 from .update import check_config
 from .validation import SCOPES, check_choice, check_ratio
+
+_local = distributed.local
 
 _SCOPE_KEYS = (
     "ratio",
@@ -50,10 +55,12 @@ class _SalientOptimizer(Optimizer):
 
     kind: str
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = None) -> None:
+        self._process_group = process_group
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
+        self._check_ranks()
 
     # ---- torch.optim plumbing ------------------------------------------------------------------
 
@@ -61,6 +68,7 @@ class _SalientOptimizer(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "state"):  # also called from Optimizer.__init__, before our own checks
             self._check_group(self.param_groups[-1])
+            self._check_ranks()
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_ratio(group["ratio"])
@@ -77,6 +85,29 @@ class _SalientOptimizer(Optimizer):
                 raise TypeError(
                     f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, got {p.dtype}"
                 )
+
+    def _comm(self, groups: list[dict[str, Any]]) -> Any:
+        """The process group a scope selects over, or None for a local selection."""
+        return distributed.resolve_group([p for g in groups for p in g["params"]], self._process_group)
+
+    def _check_ranks(self) -> None:
+        """Sharded scopes run collectives in lockstep: every rank must build the same structure."""
+        if self._process_group is None and not any(map(distributed.is_dtensor, self._all_params())):
+            return
+        for groups in self._scopes():
+            comm = self._comm(groups)
+            if comm is None:
+                continue
+            signature = [len(self.param_groups)]
+            for g in self.param_groups:
+                per_tensor = g["scope"] == "per_tensor"
+                signature += [per_tensor, g["ratio"], SCORES.index(g["score"]), g["refresh_every"]]
+                signature.append(len(g["params"]) if per_tensor else -1)
+            shards = [_local(p) for g in groups for p in g["params"]]
+            distributed.check_same_on_all_ranks(
+                comm, "param groups", signature, distributed.comm_device(comm, shards)
+            )
+            return  # one check covers every scope: they all follow the same signature
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but state keeps its own dtype: fp32 moments and EMA, int32 masks (torch would cast
@@ -156,31 +187,36 @@ class _SalientOptimizer(Optimizer):
         return state
 
     def _step_scope(self, groups: list[dict[str, Any]]) -> None:
+        comm = self._comm(groups)
         active = self._active(groups)
-        if not active:
+        if not active and comm is None:
             return
-        devices = {p.device for _, p in active}
+        params = [_local(p) for _, p in active]
+        grads = [_local(p.grad) for _, p in active]
+        devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(
                 f"parameters of one selection scope are on several devices ({', '.join(map(str, devices))});"
                 " put each device's parameters in its own param group with scope='per_tensor', or one device"
             )
-        for _, p in active:
+        for p in params:
             if not p.is_contiguous():
                 raise ValueError("parameters must be contiguous")
         lead = groups[0]
-        impl = dispatch.resolve(lead["backend"], next(iter(devices)))
+        device = next(iter(devices)) if devices else distributed.comm_device(comm, [])
+        impl = dispatch.resolve(lead["backend"], device)
         states = [self._init_state(g, p) for g, p in active]
         for state in states:
             state["step"] += 1
+        # A rank with no gradients in a sharded scope still joins the selection's collectives: it
+        # follows the schedule of the scope's parameters as they stand.
+        scheduled = states or [self.state[p] for g in groups for p in g["params"]]
         refresh_every = lead["refresh_every"]
-        new_step = int(max(float(s["step"]) for s in states))
-        due = any("mask" not in s for s in states) or (
+        new_step = int(max((float(s.get("step", 0)) for s in scheduled), default=0)) + (not states)
+        due = any("mask" not in s for s in scheduled) or (
             refresh_every > 0 and (new_step - 1) % refresh_every == 0
         )
 
-        params = [p for _, p in active]
-        grads = [p.grad for p in params]
         for state, p in zip(states, params, strict=True):
             if "mask" not in state:
                 state["mask"] = empty_masks([p])[0]
@@ -196,7 +232,7 @@ class _SalientOptimizer(Optimizer):
         selection = None
         if due:
             weights = params if score == "grad_weight" else None
-            selection = _select(impl, lead, grads, weights, segments)
+            selection = _select(impl, lead, grads, weights, segments, comm)
             if len(calls) > 1:  # tie ranks span the whole scope: fix the mask once, then update by call
                 with nvtx_range("write_masks"):
                     impl.write_masks(grads, weights, score, segments, selection, masks)
@@ -209,9 +245,9 @@ class _SalientOptimizer(Optimizer):
             sub = TensorGroup(
                 params=[params[i] for i in indices],
                 grads=[grads[i] for i in indices],
-                exp_avg=None if first is None else [states[i][first] for i in indices],
-                exp_avg_sq=None if second is None else [states[i][second] for i in indices],
-                ema=[states[i]["ema"] for i in indices] if group["ema"] is not None else None,
+                exp_avg=None if first is None else [_local(states[i][first]) for i in indices],
+                exp_avg_sq=None if second is None else [_local(states[i][second]) for i in indices],
+                ema=[_local(states[i]["ema"]) for i in indices] if group["ema"] is not None else None,
             )
             sub_masks = [masks[i] for i in indices]
             config = self._config(group, step)
@@ -228,16 +264,18 @@ class _SalientOptimizer(Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def masks(self) -> list[Tensor]:
-        """One bool tensor per parameter (param-group order): the selection in force (False before any)."""
+        """One bool tensor per parameter (param-group order): the selection in force (False before any).
+        DTensor parameters get DTensor masks over their local shards."""
         out = []
         for p in self._all_params():
+            shard = _local(p)
             mask = self.state[p].get("mask")
             bits = (
-                eager.unpack(mask, p.numel())
+                eager.unpack(mask, shard.numel())
                 if mask is not None
-                else torch.zeros(p.numel(), dtype=torch.bool)
+                else torch.zeros(shard.numel(), dtype=torch.bool)
             )
-            out.append(bits.view(p.shape).to(p.device))
+            out.append(distributed.like(bits.view(shard.shape).to(shard.device), p))
         return out
 
     def set_masks(
@@ -260,10 +298,11 @@ class _SalientOptimizer(Optimizer):
             raise ValueError(f"got {len(masks)} masks for {len(params)} parameters")
         packed = []
         for i, (mask, p) in enumerate(zip(masks, params, strict=True)):
-            if not isinstance(mask, Tensor) or mask.shape != p.shape:
+            shard = _local(p)  # DTensor parameters take DTensor masks, or masks of their local shard
+            if not isinstance(mask, Tensor) or _local(mask).shape != shard.shape:
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"mask {i} has shape {shape}; its parameter has shape {tuple(p.shape)}")
-            packed.append(eager.pack((mask != 0).reshape(-1).to(p.device)))
+            packed.append(eager.pack((_local(mask) != 0).reshape(-1).to(shard.device)))
         for p, words in zip(params, packed, strict=True):
             self.state[p]["mask"] = words
 
@@ -280,13 +319,15 @@ class _SalientOptimizer(Optimizer):
         index = {id(p): i for i, p in enumerate(params)}
         for groups in self._scopes():
             lead = groups[0]
+            comm = self._comm(groups)
             scope_params = [p for g in groups for p in g["params"]]
-            scope_grads = [grads[index[id(p)]].detach().contiguous() for p in scope_params]
-            segments = segments_of(scope_params, lead["scope"])
-            impl = dispatch.resolve(lead["backend"], scope_params[0].device)
-            weights = [p.detach() for p in scope_params] if lead["score"] == "grad_weight" else None
-            selection = _select(impl, lead, scope_grads, weights, segments)
-            masks = empty_masks(scope_params)
+            shards = [_local(p).detach() for p in scope_params]
+            scope_grads = [_local(grads[index[id(p)]]).detach().contiguous() for p in scope_params]
+            segments = segments_of(shards, lead["scope"])
+            impl = dispatch.resolve(lead["backend"], shards[0].device)
+            weights = shards if lead["score"] == "grad_weight" else None
+            selection = _select(impl, lead, scope_grads, weights, segments, comm)
+            masks = empty_masks(shards)
             impl.write_masks(scope_grads, weights, lead["score"], segments, selection, masks)
             for p, words in zip(scope_params, masks, strict=True):
                 self.state[p]["mask"] = words
@@ -316,10 +357,11 @@ class SalientAdamW(_SalientOptimizer):
         clip_value: float | None = None,
         ema: float | None = None,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group)
 
     def _config(self, group: dict[str, Any], step: int) -> StepConfig:
         return StepConfig.adam(
@@ -358,6 +400,7 @@ class SalientAdam(SalientAdamW):
         clip_value: float | None = None,
         ema: float | None = None,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -372,6 +415,7 @@ class SalientAdam(SalientAdamW):
             clip_value=clip_value,
             ema=ema,
             backend=backend,
+            process_group=process_group,
         )
 
 
@@ -396,12 +440,13 @@ class SalientSGD(_SalientOptimizer):
         clip_value: float | None = None,
         ema: float | None = None,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
         )
         defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group)
 
     def _config(self, group: dict[str, Any], step: int) -> StepConfig:
         return StepConfig.sgd(
@@ -420,11 +465,21 @@ class SalientSGD(_SalientOptimizer):
 
 
 def _select(
-    impl, lead: dict[str, Any], grads: list[Tensor], weights: list[Tensor] | None, segments: list[int]
+    impl,
+    lead: dict[str, Any],
+    grads: list[Tensor],
+    weights: list[Tensor] | None,
+    segments: list[int],
+    comm: Any = None,
 ):
-    """The scope's selection: the top ``lead["ratio"]`` of the ``lead["score"]`` scores per segment."""
+    """The scope's selection: the top ``lead["ratio"]`` of the ``lead["score"]`` scores per segment,
+    over every rank of ``comm`` when it is given."""
+    score, ratio = lead["score"], lead["ratio"]
     with nvtx_range("select"):
-        return impl.select(grads, weights, lead["score"], segments, budgets(grads, segments, lead["ratio"]))
+        if comm is not None:
+            num_segments = 1 if lead["scope"] == "global" else len(grads)
+            return distributed.select(grads, weights, score, segments, num_segments, ratio, comm)
+        return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 
 def _saliency(ratio, score, scope, refresh_every, clip_value, ema, backend) -> dict[str, Any]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, distributed
 from .backends import eager
 from .backends.base import Selection, budget, empty_masks
 from .profiling import nvtx_range
-from .validation import check_like, check_ratio, check_score_and_scope, check_tensors
+from .validation import check_like, check_list, check_ratio, check_score_and_scope, check_tensors
 
 
 def segments_of(tensors: Sequence[Tensor], scope: str) -> list[int]:
@@ -34,25 +35,35 @@ def select(
     score: str = "grad",
     scope: str = "global",
     backend: str = "auto",
+    process_group: Any = None,
 ) -> Selection:
     """Threshold and tie quota of the top ``ratio`` scores of ``grads`` (see ``backends.base``).
 
     ``score="grad_weight"`` ranks ``|grad * weight|`` and needs ``weights``. Runs on the tensors'
-    device without host synchronisation.
+    device without host synchronisation. With ``process_group`` (or sharded DTensors) the tensors are
+    this rank's shards of one global set, and the result is this rank's part of the global selection
+    (see ``pecker_kernels.distributed``).
     """
     ratio = check_ratio(ratio)
     check_score_and_scope(score, scope)
+    check_list("grads", grads)
+    group = distributed.resolve_group(grads, process_group)
+    grads = [distributed.local(g) for g in grads]
+    weights = None if weights is None else [distributed.local(w) for w in weights]
+    if group is not None and not grads:
+        return distributed.select([], None, score, [], 1 if scope == "global" else 0, ratio, group)
     device = check_tensors("grads", grads)
     if score == "grad_weight":
         if weights is None:
             raise ValueError('score="grad_weight" needs weights (the parameters)')
         check_like("weights", weights, grads, "grads")
-    impl = dispatch.resolve(backend, device)
     segments = segments_of(grads, scope)
+    weights = _list(weights, score)
     with nvtx_range("select"):
-        return impl.select(
-            list(grads), _list(weights, score), score, segments, budgets(grads, segments, ratio)
-        )
+        if group is not None:
+            return distributed.select(grads, weights, score, segments, max(segments) + 1, ratio, group)
+        impl = dispatch.resolve(backend, device)
+        return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 
 def topk_mask(
@@ -63,12 +74,14 @@ def topk_mask(
     *,
     weights: Sequence[Tensor] | None = None,
     backend: str = "auto",
+    process_group: Any = None,
 ) -> list[Tensor]:
     """Bool mask per tensor marking the exactly-k most salient elements.
 
     ``tensors`` are gradients, or parameters whose ``.grad`` is set (then they are also the weights of
     ``score="grad_weight"``). Ties at the threshold go to the lower flat index; non-finite scores are
-    never selected.
+    never selected. With ``process_group`` (or sharded DTensors) the masks are this rank's part of one
+    selection over every rank's shards (DTensors in, DTensors out).
     """
     tensors = list(tensors)
     if tensors and all(getattr(t, "grad", None) is not None for t in tensors):
@@ -76,12 +89,29 @@ def topk_mask(
         tensors = [t.grad for t in tensors]
     tensors = [t.detach() for t in tensors]
     weights = None if weights is None else [w.detach() for w in weights]
-    selection = select(tensors, ratio, weights=weights, score=score, scope=scope, backend=backend)
-    impl = dispatch.resolve(backend, tensors[0].device)
-    masks = empty_masks(tensors)
+    selection = select(
+        tensors,
+        ratio,
+        weights=weights,
+        score=score,
+        scope=scope,
+        backend=backend,
+        process_group=process_group,
+    )
+    shards = [distributed.local(t) for t in tensors]
+    if not shards:
+        return []
+    shard_weights = None if weights is None else [distributed.local(w) for w in weights]
+    impl = dispatch.resolve(backend, shards[0].device)
+    masks = empty_masks(shards)
     with nvtx_range("write_masks"):
-        impl.write_masks(tensors, _list(weights, score), score, segments_of(tensors, scope), selection, masks)
-    return [eager.unpack(m, t.numel()).view(t.shape) for m, t in zip(masks, tensors, strict=True)]
+        impl.write_masks(
+            shards, _list(shard_weights, score), score, segments_of(shards, scope), selection, masks
+        )
+    return [
+        distributed.like(eager.unpack(m, s.numel()).view(s.shape), t)
+        for m, s, t in zip(masks, shards, tensors, strict=True)
+    ]
 
 
 def _list(weights: Sequence[Tensor] | None, score: str) -> list[Tensor] | None:

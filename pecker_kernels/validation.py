@@ -26,10 +26,14 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_tensors(name: str, tensors: Sequence[Tensor], device: torch.device | None = None) -> torch.device:
-    """Dense, contiguous fp32/fp16/bf16 tensors on one device; returns that device."""
+def check_list(name: str, tensors: Sequence[Tensor]) -> None:
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+
+
+def check_tensors(name: str, tensors: Sequence[Tensor], device: torch.device | None = None) -> torch.device:
+    """Dense, contiguous fp32/fp16/bf16 tensors on one device; returns that device."""
+    check_list(name, tensors)
     if len(tensors) == 0:
         raise ValueError(f"{name} is empty")
     for i, t in enumerate(tensors):

@@ -1,0 +1,292 @@
+"""One global selection across ranks: real multi-process runs on the gloo backend (CPU).
+
+Every rank builds the same full tensors from a seed, keeps its shard, and checks its part of the result
+against the eager oracle run on the whole, in the global order the package documents: rank order,
+then local order.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pecker_kernels as pk
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+
+def _worker(rank: int, world: int, folder: str, checks: list[tuple]) -> None:
+    """Run every check on this rank; a failing check leaves its traceback in ``folder``."""
+    torch.set_num_threads(1)
+    # A rank that fails mid-collective must not hang the others for gloo's default 30 minutes.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        for name, fn, *args in checks:
+            try:
+                fn(*args)
+            except Exception:
+                Path(folder, f"{name}.rank{rank}.txt").write_text(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+
+
+class Ranks:
+    """One gloo session of ``world`` fresh processes running many checks: processes are expensive
+    to start (each imports torch), checks are cheap."""
+
+    def __init__(self, world: int, checks: list[tuple]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_worker, args=(world, folder, checks), nprocs=world)
+            self.failures = {f.name: f.read_text() for f in Path(folder).glob("*.txt")}
+
+    def check(self, name: str) -> None:
+        failed = {k: v for k, v in self.failures.items() if k.startswith(f"{name}.")}
+        assert not failed, "\n".join(f"{k}:\n{v}" for k, v in sorted(failed.items()))
+
+
+def _scores_with_ties(n: int, gen: torch.Generator, kind: str) -> torch.Tensor:
+    if kind == "ties":  # few distinct values: the threshold is almost always tied across ranks
+        return torch.randint(-3, 4, (n,), generator=gen).float()
+    values = torch.randn(n, generator=gen)
+    if kind == "specials" and n >= 4:
+        values[torch.randperm(n, generator=gen)[:4]] = torch.tensor([0.0, float("nan"), float("inf"), -0.0])
+    return values
+
+
+def _cut(n: int, parts: int, gen: torch.Generator, empty: int | None) -> list[int]:
+    """Uneven cut points of ``n`` into ``parts`` pieces; piece ``empty`` (if given) holds nothing."""
+    points = sorted(torch.randint(0, n + 1, (parts - 1,), generator=gen).tolist())
+    bounds = [0, *points, n]
+    if empty == parts - 1:
+        bounds[empty] = n
+    elif empty is not None:
+        bounds[empty + 1] = bounds[empty]
+    return bounds
+
+
+# ---- sharded selection equals the single-process selection ---------------------------------------
+
+
+def _check_sharded_selection() -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for case in range(24):
+        gen = torch.Generator().manual_seed(case)
+        kind = ("plain", "ties", "specials")[case % 3]
+        score = ("grad", "grad_weight")[(case // 3) % 2]
+        ratio = (0.05, 0.3, 0.5, 1.0)[case % 4]
+        dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+        backend = ("eager", "cpu")[case % 2]
+        empty_rank = 1 if case % 4 == 0 else None
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        full = _scores_with_ties(n, gen, kind).to(dtype)
+        weight = torch.randn(n, generator=gen).to(dtype)
+        bounds = _cut(n, world, gen, empty_rank)
+        mine = slice(bounds[rank], bounds[rank + 1])
+
+        # Global scope: the flat vector in rank order, each rank's piece split into up to 3 tensors.
+        piece, piece_w = full[mine], weight[mine]
+        split = sorted(torch.randint(0, piece.numel() + 1, (2,), generator=gen).tolist())
+        grads = list(piece.tensor_split(split))
+        weights = list(piece_w.tensor_split(split))
+        if case % 8 == 0 and rank == empty_rank:
+            grads, weights = [], []  # a rank holding no tensors at all
+        w = weights if score == "grad_weight" else None
+        got = pk.topk_mask(grads, ratio, score, "global", weights=w, backend=backend, process_group="world")
+        expected = pk.topk_mask(
+            [full], ratio, score, "global", weights=[weight] if w is not None else None, backend="eager"
+        )[0]
+        got_flat = torch.cat(got) if got else torch.zeros(0, dtype=torch.bool)
+        assert torch.equal(got_flat, expected[mine]), f"case {case}: global masks differ on rank {rank}"
+        total = torch.tensor([int(got_flat.sum())])
+        dist.all_reduce(total)
+        assert int(total) == int(expected.sum()), f"case {case}: {int(total)} selected, want {expected.sum()}"
+
+        # Per-tensor scope: tensors sharded on dim 0 (as FSDP2 does); each rank holds its rows.
+        shapes = [(int(torch.randint(0, 9, (1,), generator=gen)), 5) for _ in range(3)]
+        fulls = [_scores_with_ties(r * c, gen, kind).view(r, c).to(dtype) for r, c in shapes]
+        fweights = [torch.randn(r, c, generator=gen).to(dtype) for r, c in shapes]
+        rows = [_cut(r, world, gen, empty_rank) for r, _ in shapes]
+        shards = [f[b[rank] : b[rank + 1]] for f, b in zip(fulls, rows, strict=True)]
+        wshards = [f[b[rank] : b[rank + 1]] for f, b in zip(fweights, rows, strict=True)]
+        w = wshards if score == "grad_weight" else None
+        got = pk.topk_mask(
+            shards, ratio, score, "per_tensor", weights=w, backend=backend, process_group="world"
+        )
+        expected = pk.topk_mask(
+            fulls, ratio, score, "per_tensor", weights=fweights if w is not None else None, backend="eager"
+        )
+        for g, e, b in zip(got, expected, rows, strict=True):
+            assert torch.equal(g, e[b[rank] : b[rank + 1]]), f"case {case}: per-tensor masks differ"
+
+
+# ---- the optimizer over ZeRO-style shards and over FSDP2 ------------------------------------------
+
+
+def _check_zero_style_optimizer() -> None:
+    """Each rank owns uneven flat slices of every parameter; one process owning all the slices (rank
+    order) is the reference."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(7)
+    sizes = [37, 5, 120]
+    cuts = [_cut(n, world, gen, empty=1 if n == 5 else None) for n in sizes]
+    start = [torch.randn(n, generator=gen) for n in sizes]
+    every = [
+        [p[c[r] : c[r + 1]].clone().requires_grad_() for p, c in zip(start, cuts, strict=True)]
+        for r in range(world)
+    ]
+    mine = every[rank]
+    reference = [p for shards in every for p in shards]  # rank order, then local order
+    opt = pk.SalientAdamW(mine, lr=0.1, ratio=0.3, ema=0.9, process_group="world")
+    ref = pk.SalientAdamW(reference, lr=0.1, ratio=0.3, ema=0.9, backend="eager")
+    for _ in range(3):
+        grads = [torch.randint(-4, 5, (n,), generator=gen).float() for n in sizes]  # ties across ranks
+        for r in range(world):
+            for p, g, c in zip(every[r], grads, cuts, strict=True):
+                p.grad = g[c[r] : c[r + 1]].clone()
+        opt.step()
+        ref.step()
+    mine_after = [every[rank][i] for i in range(len(sizes))]
+    ref_after = reference[rank * len(sizes) : (rank + 1) * len(sizes)]
+    for a, b in zip(opt.masks(), ref.masks()[rank * len(sizes) : (rank + 1) * len(sizes)], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(mine_after, ref_after, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2))  # 2 rows: one rank gets none of 3
+
+
+def _check_fsdp2_training(scope: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model, reference = _mlp(), _mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.3, scope=scope)
+    ref = pk.SalientAdamW(reference.parameters(), lr=1e-2, ratio=0.3, scope=scope, backend="eager")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(16, 6, generator=gen)  # the same batch on every rank: FSDP's mean gradient is it
+        for net, optimizer in ((model, opt), (reference, ref)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for p, q, mask, ref_mask in zip(
+        model.parameters(), reference.parameters(), opt.masks(), ref.masks(), strict=True
+    ):
+        assert torch.equal(mask.full_tensor(), ref_mask)
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def _check_ddp_masks_agree() -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_mlp())
+    opt = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.3)
+    gen = torch.Generator().manual_seed(10 + dist.get_rank())  # different data on every rank
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 6, generator=gen)).square().mean().backward()
+        opt.step()
+    for tensor in [*opt.masks(), *model.parameters()]:
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.detach().contiguous())
+        assert all(torch.equal(g, gathered[0]) for g in gathered)
+    assert any(bool(m.any()) for m in opt.masks())
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _check_bad_input() -> None:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank = dist.get_rank()
+    params = [torch.zeros(4, requires_grad=True)]
+    with pytest.raises(ValueError, match="differ across the ranks"):
+        pk.SalientAdamW(params, ratio=0.5 if rank == 0 else 0.25, process_group="world")
+    with pytest.raises(ValueError, match="differ across the ranks"):
+        groups = [{"params": [torch.zeros(2, requires_grad=True)]} for _ in range(rank + 1)]
+        pk.SalientAdamW(groups, process_group="world")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    reversed_mesh = DeviceMesh("cpu", list(reversed(range(world))))
+    a = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+    b = nn.Parameter(distribute_tensor(torch.zeros(4, 3), reversed_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="different device meshes"):
+        pk.SalientAdamW([a, b])
+    with pytest.raises(ValueError, match="mixes DTensor and plain"):
+        pk.SalientAdamW([a, torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="differs from the device mesh"):
+        pk.SalientAdamW([b], process_group="world")
+    with pytest.raises(ValueError, match="ProcessGroup or 'world'"):
+        pk.topk_mask([torch.ones(3)], 0.5, process_group="everyone")
+
+
+@pytest.fixture(scope="module")
+def three_ranks() -> Ranks:
+    return Ranks(
+        3,
+        [
+            ("selection", _check_sharded_selection),
+            ("zero", _check_zero_style_optimizer),
+            ("fsdp2_per_tensor", _check_fsdp2_training, "per_tensor"),
+            ("fsdp2_global", _check_fsdp2_training, "global"),
+            ("bad_input", _check_bad_input),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> Ranks:
+    return Ranks(2, [("ddp", _check_ddp_masks_agree)])
+
+
+def test_sharded_selection_equals_single_process_selection(three_ranks):
+    three_ranks.check("selection")
+
+
+def test_zero_style_sharded_optimizer_matches_one_process(three_ranks):
+    three_ranks.check("zero")
+
+
+def test_fsdp2_per_tensor_training_matches_one_process(three_ranks):
+    three_ranks.check("fsdp2_per_tensor")
+
+
+def test_fsdp2_global_training_matches_one_process(three_ranks):
+    three_ranks.check("fsdp2_global")
+
+
+def test_bad_distributed_input_raises_on_every_rank(three_ranks):
+    three_ranks.check("bad_input")
+
+
+def test_ddp_ranks_select_identical_masks_without_communication(two_ranks):
+    two_ranks.check("ddp")
+
+
+def test_process_group_without_init_raises():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        pk.SalientAdamW([torch.zeros(3, requires_grad=True)], process_group="world")
+    with pytest.raises(RuntimeError, match="not initialised"):
+        pk.topk_mask([torch.ones(3)], 0.5, process_group="world")
