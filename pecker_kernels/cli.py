@@ -82,6 +82,11 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
     p.add_argument("--out", type=Path, required=out_required, help="new (or empty) folder for the results")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, or $PECKER_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run under torchrun: FSDP2-sharded networks, one global mask over every rank's shards",
+    )
 
 
 def _config(args: argparse.Namespace, method: str):
@@ -117,6 +122,7 @@ def _config(args: argparse.Namespace, method: str):
         target=args.target,
         teacher=args.teacher,
         classifier=args.classifier,
+        distributed=args.distributed,
     )
 
 
@@ -142,12 +148,41 @@ def _run_one(config, ctx, progress: bool) -> dict:
         bar.close()
 
 
+def _init_distributed() -> int:
+    """Join the torchrun job (gloo: the recipe trains on the CPU); returns this process's rank."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            "--distributed runs under torchrun, e.g. "
+            "torchrun --nproc_per_node 2 -m pecker_kernels unlearn --distributed --out runs/x"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .unlearn import runs
-    from .unlearn.trainer import prepare
 
     _threads(args.threads)
     runs.check_out(args.out)  # before any work: never overwrite or mix with another run
+    if not args.distributed:
+        return _unlearn(args, lead=True)
+    rank = _init_distributed()
+    try:
+        return _unlearn(args, lead=rank == 0)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _unlearn(args: argparse.Namespace, lead: bool) -> int:
+    """The runs; only the lead process (rank 0) shows progress and writes the results."""
+    from .unlearn import runs
+    from .unlearn.trainer import prepare
+
     methods = ["pecker", "sfd"] if args.compare else [args.method]
     configs = [_config(args, m) for m in methods]
     ctx = prepare(configs[0])
@@ -155,8 +190,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         c.override = configs[0].override
         c.validate(ctx.data.num_classes)
     start = time.perf_counter()
+    results = {c.method: _run_one(c, ctx, lead and not args.no_progress) for c in configs}
+    if not lead:
+        return 0
     teacher, teacher_images = runs.reference(ctx, configs[0], args.teacher_ddim_steps)
-    results = {c.method: _run_one(c, ctx, not args.no_progress) for c in configs}
     command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     with runs.staged(args.out) as stage:
         from .unlearn import plots

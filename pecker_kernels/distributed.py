@@ -32,9 +32,10 @@ from torch import Tensor
 from .backends import eager
 from .backends.base import Selection
 
-# (shift, width) of each radix digit, most significant first: 11 + 10 + 10 bits cover the 31 bits of
-# a non-negative fp32 score, whose bit pattern orders like the value.
-_DIGITS = ((20, 11), (10, 10), (0, 10))
+# (shift, width) of each radix digit, most significant first: 11 + 11 + 10 bits of the fp32 score,
+# whose bit pattern orders like the value for non-negative scores. The CPU backend's layout.
+_DIGITS = ((21, 11), (10, 11), (0, 10))
+
 
 def is_dtensor(t: Any) -> bool:
     # Importing torch.distributed.tensor costs a second; until something has imported it, nothing
@@ -82,6 +83,7 @@ def resolve_group(tensors: Sequence[Tensor], process_group: Any = None) -> Any:
     if not dtensors:
         return process_group
     from torch.distributed.tensor import Replicate, Shard
+
     if len(dtensors) != len(tensors):
         raise ValueError(
             "a selection scope mixes DTensor and plain parameters; shard them all (fully_shard the whole "
@@ -151,38 +153,34 @@ def select(
     num_segments: int,
     ratio: float,
     group: Any,
+    impl: Any = None,
 ) -> Selection:
     """This rank's part of the global selection of the top ``ratio`` of each segment's scores.
 
     ``grads`` (and ``weights``) are this rank's local tensors; ``segments`` numbers them as every rank
     does. The threshold is global; ``take`` and ``ties`` are this rank's share of the ties, so the
     result plugs straight into a backend's ``update`` or ``write_masks`` over the local tensors.
+    ``impl`` (a backend module) counts the digits when it has a fused ``radix_histogram``.
     """
     device = comm_device(group, grads)
-    keys = [
-        eager.scores(g, None if weights is None else weights[i], score).view(torch.int32).to(device)
-        for i, g in enumerate(grads)
-    ]  # non-finite scores are -1.0: negative as int32, so never a candidate
+    count = _histogram_counter(impl, grads, weights, score, segments, num_segments, device)
+    sizes = [0] * num_segments
+    for g, segment in zip(grads, segments, strict=True):
+        sizes[segment] += g.numel()
     prefix = torch.zeros(num_segments, dtype=torch.int64, device=device)
-    remaining = torch.zeros(num_segments, dtype=torch.int64, device=device)
-    for pass_index, (shift, width) in enumerate(_DIGITS):
-        bins = 1 << width
-        # One spare bin per segment collects what is not a candidate (non-finite, or another prefix).
-        local_hist = torch.zeros(num_segments, bins + 1, dtype=torch.int64, device=device)
-        for key, segment in zip(keys, segments, strict=True):
-            candidate = key >= 0
-            if pass_index > 0:
-                candidate &= (key >> (shift + width)).to(torch.int64) == prefix[segment]
-            digit = torch.where(candidate, (key >> shift) & (bins - 1), bins).to(torch.int64)
-            local_hist[segment].scatter_add_(0, digit, torch.ones_like(digit))
-        hist = local_hist.clone()
-        dist.all_reduce(hist, group=group)
-        counts = hist[:, :bins]
-        if pass_index == 0:  # the first digit's counts also give each segment's size and finite count
-            total = hist.sum(dim=1).to(torch.float64)
+    for digit, (_, width) in enumerate(_DIGITS):
+        local_counts = count(digit, prefix)
+        if digit == 0:  # one round also sums each segment's size and finite count
+            sizes_column = torch.tensor(sizes, dtype=torch.int64, device=device)[:, None]
+            counts = torch.cat([local_counts, sizes_column], dim=1)
+            dist.all_reduce(counts, group=group)
+            counts, total = counts[:, :-1], counts[:, -1].to(torch.float64)
             k = torch.floor(ratio * total).clamp(min=1).to(torch.int64)  # budget(): max(1, floor(ratio*N))
             remaining = torch.minimum(k, counts.sum(dim=1))
             found = remaining > 0
+        else:
+            counts = local_counts.clone()
+            dist.all_reduce(counts, group=group)
         at_or_above = counts.flip(1).cumsum(1).flip(1)  # [S, bins]: candidates with digit >= b
         bucket = ((at_or_above >= remaining[:, None]).sum(dim=1) - 1).clamp(min=0)
         above = F.pad(at_or_above, (0, 1)).gather(1, (bucket + 1)[:, None]).squeeze(1)
@@ -192,7 +190,7 @@ def select(
     threshold = prefix.to(torch.int32).view(torch.float32)
     threshold = torch.where(found, threshold, torch.full_like(threshold, float("inf")))
     take = torch.where(found, remaining, zero)
-    local_ties = torch.where(found, local_hist[:, :bins].gather(1, bucket[:, None]).squeeze(1), zero)
+    local_ties = torch.where(found, local_counts.gather(1, bucket[:, None]).squeeze(1), zero)
     # Ties go to the lowest global index: ranks before this one fill the quota first.
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     per_rank = torch.zeros(world, num_segments, dtype=torch.int64, device=device)
@@ -201,3 +199,31 @@ def select(
     before = per_rank[:rank].sum(dim=0)
     local_take = torch.minimum((take - before).clamp(min=0), local_ties)
     return Selection(threshold=threshold, take=local_take, ties=local_ties)
+
+
+def _histogram_counter(impl, grads, weights, score, segments, num_segments, device):
+    """``count(digit, prefix) -> int64 [num_segments, 2 ** width]``: this rank's digit histogram of
+    the finite scores whose higher digits equal ``prefix[segment]``."""
+    if grads and hasattr(impl, "radix_histogram"):  # fused: scores recomputed on the fly, never stored
+        return lambda digit, prefix: impl.radix_histogram(
+            grads, weights, score, segments, num_segments, digit, prefix
+        )[:, : 1 << _DIGITS[digit][1]]
+    keys = [  # torch ops: any device, no host sync; non-finite scores are -1.0, negative as int32
+        eager.scores(g, None if weights is None else weights[i], score).view(torch.int32)
+        for i, g in enumerate(grads)
+    ]
+
+    def count(digit: int, prefix: Tensor) -> Tensor:
+        shift, width = _DIGITS[digit]
+        bins = 1 << width
+        hist = torch.zeros(num_segments, bins + 1, dtype=torch.int64, device=device)
+        for key, segment in zip(keys, segments, strict=True):
+            candidate = key >= 0
+            if digit > 0:
+                candidate &= (key >> (shift + width)).to(torch.int64) == prefix[segment]
+            # The spare bin collects what is not a candidate; scatter_add_ (unlike bincount) never syncs.
+            index = torch.where(candidate, (key >> shift) & (bins - 1), bins).to(torch.int64)
+            hist[segment].scatter_add_(0, index, torch.ones_like(index))
+        return hist[:, :bins]
+
+    return count

@@ -478,7 +478,7 @@ def _select(
     with nvtx_range("select"):
         if comm is not None:
             num_segments = 1 if lead["scope"] == "global" else len(grads)
-            return distributed.select(grads, weights, score, segments, num_segments, ratio, comm)
+            return distributed.select(grads, weights, score, segments, num_segments, ratio, comm, impl)
         return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 

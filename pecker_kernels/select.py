@@ -59,10 +59,11 @@ def select(
         check_like("weights", weights, grads, "grads")
     segments = segments_of(grads, scope)
     weights = _list(weights, score)
+    impl = dispatch.resolve(backend, device)
     with nvtx_range("select"):
         if group is not None:
-            return distributed.select(grads, weights, score, segments, max(segments) + 1, ratio, group)
-        impl = dispatch.resolve(backend, device)
+            num_segments = max(segments) + 1
+            return distributed.select(grads, weights, score, segments, num_segments, ratio, group, impl)
         return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 

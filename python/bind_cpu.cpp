@@ -44,6 +44,14 @@ void update_op(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const
                       as_ptr<const int64_t>(ties), num_segments, threads);
 }
 
+void radix_histogram_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype,
+                        int score, const Ptrs& segments, int64_t num_segments, int digit, int64_t prefix,
+                        int64_t hist, int threads) {
+  const pecker::cpu::Tensors t{g, w, numel, dtype, score};
+  pecker::cpu::radix_histogram(t, segments, num_segments, digit, as_ptr<const uint32_t>(prefix),
+                               as_ptr<int64_t>(hist), threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -80,6 +88,10 @@ PYBIND11_MODULE(_C, m) {
         "Exact per-segment top-k threshold: writes threshold (float32), take and ties (int64) per segment.",
         py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
         py::arg("ks"), py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("threads"));
+  m.def("radix_histogram", &radix_histogram_op, nogil,
+        "One radix digit pass: int64 [num_segments][2048] counts of the finite scores under each prefix.",
+        py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
+        py::arg("num_segments"), py::arg("digit"), py::arg("prefix"), py::arg("hist"), py::arg("threads"));
   m.def("write_masks", &write_masks_op, nogil, "Writes the packed int32 masks of a selection.", py::arg("g"),
         py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
         py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("masks_out"),

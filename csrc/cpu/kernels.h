@@ -74,6 +74,11 @@ struct Tensors {
   int score;
 };
 
+// One digit pass of the radix select (digit 0, 1, 2: bits 31-21, 20-10, 9-0 of the fp32 score) over the
+// finite scores whose higher digits equal prefix[segment]: hist is int64 [num_segments][2048].
+void radix_histogram(const Tensors& t, const std::vector<int64_t>& segments, int64_t num_segments, int digit,
+                     const uint32_t* prefix, int64_t* hist, int threads);
+
 void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
             float* threshold, int64_t* take, int64_t* ties, int threads);
 

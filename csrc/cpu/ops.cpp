@@ -99,11 +99,14 @@ std::vector<Segment> segments_of(const std::vector<int64_t>& segments, const std
   return out;
 }
 
-// MSD radix select on the score bits (11 + 11 + 10), one parallel histogram pass per digit.
+// Radix digits of the score bits, most significant first: 11 + 11 + 10 bits.
+constexpr int kShift[3] = {21, 10, 0};
+constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x3FF};
+constexpr int kDigitBins = 2048;
+
+// MSD radix select on the score bits, one parallel histogram pass per digit.
 Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t k, int threads) {
   const KernelTable& K = kernels();
-  constexpr int kShift[3] = {21, 10, 0};
-  constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x3FF};
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   int64_t total = 0;
   for (const Range& r : chunks) total += r.end - r.begin;
@@ -275,6 +278,37 @@ bool force_radix() {
 }
 
 }  // namespace
+
+void radix_histogram(const Tensors& t, const std::vector<int64_t>& segments, int64_t num_segments, int digit,
+                     const uint32_t* prefix, int64_t* hist, int threads) {
+  const KernelTable& K = kernels();
+  std::vector<Range> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < t.numel.size(); ++i) {
+    append_chunks(chunks, static_cast<int64_t>(i), t.numel[i]);
+    total += t.numel[i];
+  }
+  const int prefix_shift = digit == 0 ? 31 : kShift[digit - 1];
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
+  const size_t per_thread = static_cast<size_t>(num_segments) * kDigitBins;
+  // One uint32 histogram per thread and segment: a bucket overflows only past 2^32 elements a thread.
+  std::vector<uint32_t> hists(static_cast<size_t>(nt) * per_thread, 0u);
+#pragma omp parallel num_threads(nt)
+  {
+    uint32_t* mine = hists.data() + static_cast<size_t>(omp_get_thread_num()) * per_thread;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Range& r = chunks[static_cast<size_t>(c)];
+      const int64_t s = segments[static_cast<size_t>(r.tensor)];
+      K.histogram(score_src(t, r.tensor), r.begin, r.end, prefix_shift, prefix[s], kShift[digit], kMask[digit],
+                  mine + static_cast<size_t>(s) * kDigitBins);
+    }
+  }
+  std::fill(hist, hist + per_thread, int64_t{0});
+  for (int th = 0; th < nt; ++th)
+    for (size_t b = 0; b < per_thread; ++b) hist[b] += hists[static_cast<size_t>(th) * per_thread + b];
+}
 
 void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
             float* threshold, int64_t* take, int64_t* ties, int threads) {

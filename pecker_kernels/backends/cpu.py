@@ -75,6 +75,36 @@ def select(
     return Selection(threshold=threshold, take=take, ties=ties)
 
 
+def radix_histogram(
+    grads: Sequence[Tensor],
+    weights: Sequence[Tensor] | None,
+    score: str,
+    segments: Sequence[int],
+    num_segments: int,
+    digit: int,
+    prefix: Tensor,
+) -> Tensor:
+    """One digit pass of the radix select (see ``pecker_kernels.distributed``): int64 counts
+    ``[num_segments, 2048]`` of the finite scores whose higher digits equal ``prefix[segment]``."""
+    hist = torch.empty(num_segments, 2048, dtype=torch.int64)
+    prefix_bits = prefix.to(torch.int32).contiguous()  # read as uint32 by the kernel
+    numel, dtypes = _sizes(grads)
+    cpu_module.radix_histogram(
+        _ptrs(grads),
+        _weight_ptrs(weights, score),
+        numel,
+        dtypes,
+        SCORE_CODES[score],
+        list(segments),
+        num_segments,
+        digit,
+        prefix_bits.data_ptr(),
+        hist.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return hist
+
+
 def write_masks(
     grads: Sequence[Tensor],
     weights: Sequence[Tensor] | None,

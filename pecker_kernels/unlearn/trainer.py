@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import is_dtensor
 from ..optim import SalientAdam
 from ..saliency import SaliencyAccumulator
 from . import checkpoints
@@ -57,6 +58,9 @@ class UnlearnConfig:
     target: float = 0.05  # forgetting accuracy that counts as forgotten
     teacher: str | None = None  # checkpoint paths; None: the packaged ones for the data set
     classifier: str | None = None
+    # Under torchrun: the generator and pseudo-score are sharded with FSDP2 and every rank draws its
+    # own samples (the global batch is world_size x batch); the saliency mask is one global top-k.
+    distributed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, num_classes: int) -> None:
@@ -153,12 +157,19 @@ class Distiller:
         self.remaining = torch.tensor([c for c in range(self.num_classes) if c != config.forget])
         self.schedule = Schedule()
         torch.manual_seed(config.seed)
-        self.gen = torch.Generator().manual_seed(config.seed)  # all sampling in the loop draws from it
+        self.rank = torch.distributed.get_rank() if config.distributed else 0
+        # All sampling in the loop draws from it; each rank draws its own part of the global batch.
+        self.gen = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         self.teacher = ctx.teacher
         self.generator = OneStepGenerator(
             copy.deepcopy(ctx.teacher).requires_grad_(True), self.schedule, config.t_init
         )
         self.pseudo = copy.deepcopy(ctx.teacher).requires_grad_(True)
+        if config.distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.generator.net)  # parameters become DTensor shards: the mask spans them all
+            fully_shard(self.pseudo)
         self.eval_generator = OneStepGenerator(copy.deepcopy(ctx.teacher), self.schedule, config.t_init)
         self.gen_params = list(self.generator.net.parameters())
         self.opt_g = SalientAdam(
@@ -233,7 +244,7 @@ class Distiller:
     @torch.no_grad()
     def _load_ema(self) -> None:
         for p, e in zip(self.eval_generator.net.parameters(), self.opt_g.ema_parameters(), strict=True):
-            p.copy_(e)
+            p.copy_(_full(e))
 
     @torch.no_grad()
     def _quick_eval(self) -> tuple[float, float]:
@@ -258,7 +269,7 @@ class Distiller:
         """SalUn: |sum over forget batches of the (norm-1 clipped) forgetting-loss gradient|, top ratio."""
         acc = SaliencyAccumulator(self.gen_params, clip_norm=1.0)
         # Its own random stream: pecker and sfd then train on the very same noise, labels and times.
-        train_stream, self.gen = self.gen, torch.Generator().manual_seed(self.cfg.seed + 3)
+        train_stream, self.gen = self.gen, torch.Generator().manual_seed(self.cfg.seed + 3 + 7919 * self.rank)
         for _ in range(self.cfg.mask_batches):
             self.opt_g.zero_grad(set_to_none=True)
             self.pseudo.requires_grad_(False)
@@ -367,7 +378,7 @@ class Distiller:
         )
         per_step = {k: v / cfg.steps for k, v in timer.seconds.items() if k != "eval"}
         mask_fraction = float(
-            sum(int(m.sum()) for m in self.opt_g.masks()) / sum(p.numel() for p in self.gen_params)
+            sum(int(_full(m).sum()) for m in self.opt_g.masks()) / sum(p.numel() for p in self.gen_params)
         )
         metrics = {
             "method": cfg.method,
@@ -384,10 +395,17 @@ class Distiller:
             "target": cfg.target,
             "per_step_seconds": per_step,
             "updated_fraction": mask_fraction,
+            "generator_parameters": sum(p.numel() for p in self.gen_params),
             "initial": initial,
             "config": asdict(cfg),
             "teacher_checkpoint": str(self.ctx.teacher_path),
             "classifier_checkpoint": str(self.ctx.classifier_path),
             "threads": torch.get_num_threads(),
+            "world_size": torch.distributed.get_world_size() if cfg.distributed else 1,
         }
         return {"metrics": metrics, "history": history, "evals": evals, "before": before, "after": after}
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor's shards gathered from every rank (a collective), else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t

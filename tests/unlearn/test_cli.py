@@ -1,8 +1,11 @@
 """End to end through the command line, on a tiny budget with the packaged checkpoints."""
 
 import json
+import math
 import subprocess
 import sys
+
+import pytest
 
 from pecker_kernels.cli import main
 
@@ -61,3 +64,22 @@ def test_module_entry_point_single_run_with_refresh(tmp_path):
     assert abs(metrics["updated_fraction"] - 0.25) < 1e-4
     assert metrics["override_class"] == "random"
     assert (out / "summary.md").exists()
+
+
+def test_distributed_run_under_torchrun_masks_one_global_fraction(tmp_path):
+    out = tmp_path / "two-ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pecker_kernels"]
+    cmd += ["unlearn", "--distributed", "--ratio", "0.3", "--refresh-every", "2"]
+    proc = subprocess.run([*cmd, *TINY, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = check_run(out, "pecker")
+    assert metrics["world_size"] == 2 and metrics["config"]["distributed"]
+    # One selection over both ranks' shards: exactly floor(0.3 N) of the N generator weights.
+    n = metrics["generator_parameters"]
+    assert round(metrics["updated_fraction"] * n) == math.floor(0.3 * n)
+
+
+def test_distributed_without_torchrun_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="runs under torchrun"):
+        main(["unlearn", "--distributed", *TINY, "--out", str(tmp_path / "x")])
