@@ -22,9 +22,9 @@ DIGIT_BINS = [1 << width for _, width in distributed._DIGITS]
 
 
 def wire_bytes(num_segments: int, world: int) -> int:
-    """int64 counts all-reduced per selection: each digit's histogram (plus its spare bin) and the
-    tie counts of every rank."""
-    return 8 * num_segments * (sum(b + 1 for b in DIGIT_BINS) + world)
+    """int64 counts all-reduced per selection and segment: each digit's histogram, the segment's size
+    (with the first digit) and every rank's tie count."""
+    return 8 * num_segments * (sum(DIGIT_BINS) + 1 + world)
 
 
 def median_seconds(fn, reps: int) -> float:
