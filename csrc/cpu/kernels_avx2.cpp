@@ -10,6 +10,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,f16c")
 #define PECKER_HAVE_AVX2_TABLE 1
+// GCC does not define __AVX2__ under a target pragma, so the AVX2-only paths of kernels_impl.inc key
+// on this instead.
+#define PECKER_AVX2 1
 #endif
 
 namespace pecker {
