@@ -105,6 +105,23 @@ def test_selection_of_large_segments_matches_eager(target, ratio, zeros):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("spread", [2**-20, 2**-8, 1.0])
+def test_selection_in_narrow_value_bands_matches_eager(target, spread):
+    """Scores packed into a narrow band with many ties: the CPU's in-memory select narrows by
+    histograms over the band, level after level, and must still land on the exact k-th score."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(5)
+    sizes = (20_000, 5_000, 90_001)  # in-memory per segment, and a bracketed one
+    grads = [1.0 + torch.randint(0, 3000, (n,), generator=gen).float() * spread for n in sizes]
+    for scope in ("global", "per_tensor"):
+        segments = _segments(sizes, scope)
+        for ratio in (0.01, 0.5):
+            ks = _ks(sizes, segments, ratio)
+            want = eager.select(grads, None, "grad", segments, ks)
+            got = backend.select(_to(grads, device), None, "grad", segments, ks)
+            _assert_same_selection(got, want)
+
+
 def test_selection_of_many_small_tensors_matches_eager(target):
     backend, device = target
     grads = gradients(MANY_SMALL, seed=3)

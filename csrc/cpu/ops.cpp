@@ -40,6 +40,7 @@ constexpr int64_t kSmallSegment = int64_t{1} << 15;
 constexpr int64_t kParallelMin = int64_t{1} << 14;
 
 constexpr float kInf = __builtin_inff();
+constexpr int kDigitBins = 2048;  // radix digits of 11 bits
 
 template <class T>
 T* as_ptr(int64_t address) {
@@ -69,18 +70,54 @@ struct Result {
 
 constexpr Result kNothing{kInf, 0, 0};
 
-// Exact selection among `n` finite scores held in memory (reordered in place).
+// Exact selection among `n` finite scores held in memory (reordered in place). Large sets narrow the
+// search with a 2048-bin histogram over their own key range and keep only the bucket holding the k-th
+// largest: two linear passes per level instead of nth_element's several, and the kept scores of a
+// bracket span a narrow range, so one or two levels leave a handful.
 Result select_in_memory(float* s, int64_t n, int64_t k) {
   const int64_t k_eff = std::min(k, n);
   if (k_eff <= 0) return kNothing;
-  std::nth_element(s, s + (k_eff - 1), s + n, std::greater<float>());
-  const float thr = s[k_eff - 1];
-  int64_t greater = 0, equal = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    greater += s[i] > thr;
-    equal += s[i] == thr;
+  constexpr int64_t kSmall = 4096;
+  if (n <= kSmall) {
+    std::nth_element(s, s + (k_eff - 1), s + n, std::greater<float>());
+    const float thr = s[k_eff - 1];
+    int64_t greater = 0, equal = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      greater += s[i] > thr;
+      equal += s[i] == thr;
+    }
+    return Result{thr, k_eff - greater, equal};
   }
-  return Result{thr, k_eff - greater, equal};
+  // Finite non-negative scores order like their bit patterns.
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, s + i, sizeof key);
+    lo = std::min(lo, key);
+    hi = std::max(hi, key);
+  }
+  if (lo == hi) return Result{s[0], k_eff, n};  // all equal
+  int shift = 0;
+  while (((hi - lo) >> shift) >= kDigitBins) ++shift;
+  std::vector<int64_t> hist(kDigitBins, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, s + i, sizeof key);
+    ++hist[(key - lo) >> shift];
+  }
+  int64_t need = k_eff;
+  uint32_t bucket = static_cast<uint32_t>((hi - lo) >> shift);
+  for (; bucket > 0 && hist[bucket] < need; --bucket) need -= hist[bucket];
+  int64_t m = 0;  // the bucket's scores, moved to the front
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, s + i, sizeof key);
+    const float x = s[i];
+    s[m] = x;
+    m += ((key - lo) >> shift) == bucket;
+  }
+  // Everything above the bucket is above the threshold, and every tie is inside it.
+  return select_in_memory(s, m, need);
 }
 
 struct Segment {
@@ -102,7 +139,6 @@ std::vector<Segment> segments_of(const std::vector<int64_t>& segments, const std
 // Radix digits of the score bits, most significant first: 11 + 11 + 10 bits.
 constexpr int kShift[3] = {21, 10, 0};
 constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x3FF};
-constexpr int kDigitBins = 2048;
 
 // MSD radix select on the score bits, one parallel histogram pass per digit.
 Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t k, int threads) {
