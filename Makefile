@@ -41,8 +41,10 @@ demo: $(BUILT)
 	$(PY) -m pecker_kernels demo
 	$(PY) -m benchmarks.bench_step --demo
 
+# The optimizer-step plan and the recipe's end-to-end step (under 10 minutes on the 2-core CPU machine).
 bench: $(BUILT)
-	$(PY) -m benchmarks.bench_step
+	$(PY) -m benchmarks.bench_step --out benchmarks/results/cpu
+	$(PY) -m benchmarks.bench_recipe --out benchmarks/results/cpu
 
 clean:
 	rm -rf build *.egg-info pecker_kernels/*.so

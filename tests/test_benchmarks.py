@@ -1,0 +1,26 @@
+"""The benchmark harness runs end to end on a tiny plan and writes what it promises."""
+
+import json
+
+import pytest
+
+from benchmarks import bench_step, layouts
+
+
+def test_ddpm_layout_has_the_published_parameter_count():
+    # Ho et al. 2020 report 35.7M parameters for their CIFAR-10 model.
+    assert layouts.numel(layouts.ddpm_cifar10()) == pytest.approx(35.7e6, rel=2e-3)
+
+
+def test_step_benchmark_writes_rows_tables_and_plots(tmp_path, capsys):
+    argv = ["--sizes", "1e4", "3e4", "--dtypes", "fp32", "--more-ratios", "--layouts", "unet"]
+    bench_step.main([*argv, "--no-compile", "--reps", "3", "--budget", "0.05", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    names = {r["name"] for r in rows}
+    assert {"torch AdamW (fused)"} <= names and any("SalientAdamW" in n for n in names)
+    floor = [r for r in rows if r["name"] == "torch AdamW (fused)"]
+    assert all(r["vs_fused_adamw"] == 1.0 for r in floor)
+    assert all(r["median_s"] > 0 and r["gb_per_s"] > 0 for r in rows)
+    assert (tmp_path / "results.md").read_text().count("| ") > len(rows)
+    assert (tmp_path / "time_per_parameter_fp32.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Summary" in capsys.readouterr().out
