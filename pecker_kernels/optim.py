@@ -20,12 +20,21 @@ Selection order is param-group order, then parameter order, each tensor row-majo
 threshold go to the lower flat index and non-finite scores are never selected. Unselected elements are
 frozen: parameter, moments and weight decay untouched. Parameters without a gradient are skipped.
 State lives under torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) plus ``mask``
-(packed int32 bits) and ``ema``.
+(packed int32 bits), ``ema`` and ``selection_step`` (the host count of ``step()`` calls that drives
+``refresh_every``). ``step`` counts applied steps and lives on the parameter's device, as in torch's
+fused AdamW: on a GPU the bias corrections are computed there, so nothing in ``step()`` reads back to
+the host and the step can be captured in a CUDA graph.
+
+AMP: with ``torch.amp.GradScaler`` the optimizer takes the scaler's ``grad_scale`` and ``found_inf``
+(``_step_supports_amp_scaling``): gradients are unscaled inside the fused pass and a step with
+inf/NaN gradients is skipped on the device (parameters, moments, EMA, masks and ``step`` unchanged),
+without a host sync.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,6 +63,8 @@ class _SalientOptimizer(Optimizer):
     """Shared machinery: scopes, selection schedule, masks, EMA. Subclasses say how to build a step."""
 
     kind: str
+    # torch.amp.GradScaler then hands over grad_scale / found_inf instead of unscaling and syncing.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = None) -> None:
         self._process_group = process_group
@@ -117,14 +128,21 @@ class _SalientOptimizer(Optimizer):
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for param_id, p in zip(ids, params, strict=True):
+            state = self.state[p]
             for key, value in saved.get(param_id, {}).items():
-                if isinstance(value, Tensor) and key != "step":
+                if isinstance(value, Tensor):
                     dtype = torch.float32 if value.is_floating_point() else value.dtype
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                    state[key] = value.to(device=_local(p).device, dtype=dtype, copy=True)
+            if "step" in state and "selection_step" not in state:  # saved before the key existed
+                state["selection_step"] = int(state["step"])
 
     # ---- what subclasses provide ---------------------------------------------------------------
 
     def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+        raise NotImplementedError
+
+    def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
+        """(step_size, bias_correction2_sqrt) of a float64 device ``step``, as ``_config`` has them."""
         raise NotImplementedError
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -142,8 +160,10 @@ class _SalientOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by torch.amp.GradScaler.step for the duration of this call (see _step_supports_amp_scaling).
+        amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for scope in self._scopes():
-            self._step_scope(scope)
+            self._step_scope(scope, *amp)
         return loss
 
     def _scopes(self) -> list[list[dict[str, Any]]]:
@@ -175,7 +195,8 @@ class _SalientOptimizer(Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            state["selection_step"] = 0
             first, second = self._state_keys(group)
             for key in (first, second):
                 if key is not None:
@@ -186,7 +207,9 @@ class _SalientOptimizer(Optimizer):
             state["ema"] = p.detach().float().clone(memory_format=torch.contiguous_format)
         return state
 
-    def _step_scope(self, groups: list[dict[str, Any]]) -> None:
+    def _step_scope(
+        self, groups: list[dict[str, Any]], grad_scale: Tensor | None = None, found_inf: Tensor | None = None
+    ) -> None:
         comm = self._comm(groups)
         active = self._active(groups)
         if not active and comm is None:
@@ -207,15 +230,19 @@ class _SalientOptimizer(Optimizer):
         impl = dispatch.resolve(lead["backend"], device)
         states = [self._init_state(g, p) for g, p in active]
         for state in states:
-            state["step"] += 1
+            state["selection_step"] += 1
         # A rank with no gradients in a sharded scope still joins the selection's collectives: it
         # follows the schedule of the scope's parameters as they stand.
         scheduled = states or [self.state[p] for g in groups for p in g["params"]]
         refresh_every = lead["refresh_every"]
-        new_step = int(max((float(s.get("step", 0)) for s in scheduled), default=0)) + (not states)
+        new_step = max((s.get("selection_step", 0) for s in scheduled), default=0) + (not states)
         due = any("mask" not in s for s in scheduled) or (
             refresh_every > 0 and (new_step - 1) % refresh_every == 0
         )
+        # Step-dependent scalars on the device (see module doc) except for a plain CPU step, where
+        # host and device are one and the host floats are exact and cheapest.
+        on_device = device.type != "cpu" or grad_scale is not None or found_inf is not None
+        skipped = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32) != 0
 
         for state, p in zip(states, params, strict=True):
             if "mask" not in state:
@@ -225,22 +252,35 @@ class _SalientOptimizer(Optimizer):
         score = lead["score"]
 
         # One update call per (group, step count): bias corrections and hyper-parameters differ.
+        # Parameters that joined at the same call share their step count (skips included).
         calls: dict[tuple[int, int], list[int]] = {}
         for index, ((group, _), state) in enumerate(zip(active, states, strict=True)):
-            calls.setdefault((id(group), int(state["step"])), []).append(index)
+            calls.setdefault((id(group), state["selection_step"]), []).append(index)
 
         selection = None
         if due:
             weights = params if score == "grad_weight" else None
             selection = _select(impl, lead, grads, weights, segments, comm)
             if len(calls) > 1:  # tie ranks span the whole scope: fix the mask once, then update by call
+                fresh = masks if skipped is None else empty_masks(params)
                 with nvtx_range("write_masks"):
-                    impl.write_masks(grads, weights, score, segments, selection, masks)
+                    impl.write_masks(grads, weights, score, segments, selection, fresh)
+                if skipped is not None:  # a skipped step keeps the masks in force
+                    for old, new in zip(masks, fresh, strict=True):
+                        old.copy_(torch.where(skipped, old, new))
                 selection = None
 
         for indices in calls.values():
             group = active[indices[0]][0]
-            step = int(states[indices[0]]["step"])
+            steps = [states[i]["step"] for i in indices]
+            if on_device:
+                config = self._config(group, 1)
+                scalars = self._device_scalars(group, steps, grad_scale, skipped, device)
+                config = replace(config, scalars=scalars)
+            else:
+                for step in steps:
+                    step += 1
+                config = self._config(group, int(steps[0]))
             first, second = self._state_keys(group)
             sub = TensorGroup(
                 params=[params[i] for i in indices],
@@ -250,13 +290,35 @@ class _SalientOptimizer(Optimizer):
                 ema=[_local(states[i]["ema"]) for i in indices] if group["ema"] is not None else None,
             )
             sub_masks = [masks[i] for i in indices]
-            config = self._config(group, step)
             with nvtx_range("update"):
                 if selection is not None:
                     impl.update(sub, config, score, segments, selection=selection, masks_out=sub_masks)
                 else:
                     sub_segments = [segments[i] for i in indices]
                     impl.update(sub, config, score, sub_segments, masks_in=sub_masks)
+
+    def _device_scalars(
+        self,
+        group: dict[str, Any],
+        steps: list[Tensor],
+        grad_scale: Tensor | None,
+        skipped: Tensor | None,
+        device: torch.device,
+    ) -> Tensor:
+        """Advance ``steps`` (unless ``skipped``) and return the update's StepConfig.scalars:
+        [step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, momentum_init], all on the device."""
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        found = zero if skipped is None else skipped.float()
+        step = steps[0] + (1.0 - found)  # the call's parameters share one count
+        for s in steps:
+            s.copy_(step)
+        step64 = step.double()
+        step_size, bias_correction2_sqrt = self._step_terms(group, step64)
+        # As GradScaler.unscale_: the reciprocal in float64, rounded once.
+        inv_scale = zero + 1.0 if grad_scale is None else grad_scale.to(device).double().reciprocal()
+        momentum_init = (step64 == 1).double()
+        terms = [step_size, bias_correction2_sqrt, inv_scale, found.double(), momentum_init]
+        return torch.stack([t.to(torch.float64) for t in terms]).to(torch.float32)
 
     # ---- masks ---------------------------------------------------------------------------------
 
@@ -375,6 +437,10 @@ class SalientAdamW(_SalientOptimizer):
             ema_decay=group["ema"],
         )
 
+    def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
+        beta1, beta2 = group["betas"]
+        return float(group["lr"]) / (1.0 - beta1**step), torch.sqrt(1.0 - beta2**step)
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
         # Adam with beta1 == 0 (SFD's setting) keeps no first moment at all.
         return ("exp_avg" if group["betas"][0] > 0 else None), "exp_avg_sq"
@@ -459,6 +525,9 @@ class SalientSGD(_SalientOptimizer):
             clip_value=group["clip_value"],
             ema_decay=group["ema"],
         )
+
+    def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(step), torch.ones_like(step)  # SGD has no bias corrections
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
         return ("momentum_buffer" if group["momentum"] > 0 else None), None

@@ -81,7 +81,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("one_minus_beta1", &StepParams::one_minus_beta1)
       .def_readwrite("one_minus_beta2", &StepParams::one_minus_beta2)
       .def_readwrite("one_minus_dampening", &StepParams::one_minus_dampening)
-      .def_readwrite("one_minus_ema_decay", &StepParams::one_minus_ema_decay);
+      .def_readwrite("one_minus_ema_decay", &StepParams::one_minus_ema_decay)
+      .def_readwrite("has_grad_scale", &StepParams::has_grad_scale)
+      .def_readwrite("inv_grad_scale", &StepParams::inv_grad_scale);
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("select", &select_op, nogil,

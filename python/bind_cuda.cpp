@@ -49,7 +49,7 @@ void py_update(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t 
             bool use_masks_in, bool weighted, int kind, float lr, float weight_decay, float beta1, float beta2,
             float eps, float step_size, float bias_correction2_sqrt, float momentum, float dampening,
             bool nesterov, bool momentum_init, bool has_clip, float clip_value, bool has_ema, float ema_decay,
-            bool has_exp_avg, uintptr_t stream) {
+            bool has_exp_avg, uintptr_t scalars, uintptr_t stream) {
   pecker::StepParams params{};
   params.kind = kind;
   params.lr = lr;
@@ -68,6 +68,7 @@ void py_update(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t 
   params.has_ema = has_ema;
   params.ema_decay = ema_decay;
   params.has_exp_avg = has_exp_avg;
+  params.scalars = scalars;  // the kernel sets has_grad_scale / inv_grad_scale from it
   pc::update(make_scope(tensors, chunks, n_chunks, seg_ranges, n_segments),
              make_selection(threshold, take, ties, chunk_ties, chunk_base), use_masks_in, weighted, params, stream);
 }
@@ -95,5 +96,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("kind"), py::arg("lr"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("momentum"), py::arg("dampening"),
         py::arg("nesterov"), py::arg("momentum_init"), py::arg("has_clip"), py::arg("clip_value"),
-        py::arg("has_ema"), py::arg("ema_decay"), py::arg("has_exp_avg"), py::arg("stream"));
+        py::arg("has_ema"), py::arg("ema_decay"), py::arg("has_exp_avg"), py::arg("scalars"),
+        py::arg("stream"));
 }

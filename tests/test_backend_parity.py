@@ -272,3 +272,114 @@ def test_update_of_two_dimensional_tensors_matches_eager(target):
         got, config, "grad", [0, 0], selection=backend.select(got.grads, None, "grad", [0, 0], [1000])
     )
     _assert_groups_close(got, want, torch.float32)
+
+
+# ---- device step scalars (StepConfig.scalars): GradScaler unscaling, found_inf, CUDA graphs ---------
+
+MASK_PATTERN = 0x5A5A5A5A  # what masks_out holds before a step that must not write it
+STATE_FIELDS = ("params", "exp_avg", "exp_avg_sq", "ema")  # what a step writes (grads are inputs)
+
+
+def _step(impl, group, config, score, segments, *, ks=None, masks_in=None, masks_out=None):
+    """One update with ``impl``: selecting now by ``impl.select`` (``ks``) or from ``masks_in``."""
+    if masks_in is not None:
+        impl.update(group, config, score, segments, masks_in=masks_in, masks_out=masks_out)
+        return
+    weights = group.params if score == "grad_weight" else None
+    selection = impl.select(group.grads, weights, score, segments, ks)
+    impl.update(group, config, score, segments, selection=selection, masks_out=masks_out)
+
+
+def _stepped(impl, device, start: TensorGroup, config, score="grad", *, masks_in=None, scalars=None):
+    """A copy of ``start`` on ``device`` after one step, and its masks_out (pre-filled with the pattern).
+    ``scalars``: keyword arguments of ``config.with_device_scalars``, to step with device scalars."""
+    group = _group_to(start, device)
+    segments = [0] * len(group.params)
+    masks_out = [torch.full_like(m, MASK_PATTERN) for m in empty_masks(group.params)]
+    if scalars is not None:
+        config = config.with_device_scalars(device, **scalars)
+    ks = None if masks_in is not None else _ks([p.numel() for p in group.params], segments, 0.4)
+    _step(impl, group, config, score, segments, ks=ks, masks_in=_to(masks_in, device), masks_out=masks_out)
+    return group, masks_out
+
+
+def _assert_groups_equal(got: TensorGroup, want: TensorGroup, fields=STATE_FIELDS):
+    for name in fields:
+        for g, w in zip(getattr(got, name) or [], getattr(want, name) or [], strict=True):
+            torch.testing.assert_close(g.cpu(), w.cpu(), rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def _assert_masks_equal(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.cpu(), w.cpu())
+
+
+def _impls(target):
+    """The eager oracle (on the CPU) and the backend under test (on its device)."""
+    backend, device = target
+    return ((eager, "cpu"), (backend, device))
+
+
+@pytest.mark.parametrize("config_name", list(UPDATE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_scalars_holding_the_host_values_give_the_same_step_bit_for_bit(target, config_name, dtype):
+    config = UPDATE_CONFIGS[config_name]
+    start = _group(config, ODD_SIZES, dtype, seed=21)
+    results = []
+    for impl, device in _impls(target):
+        plain, plain_masks = _stepped(impl, device, start, config)
+        scaled, scaled_masks = _stepped(impl, device, start, config, scalars={})
+        _assert_groups_equal(scaled, plain)
+        _assert_masks_equal(scaled_masks, plain_masks)
+        results.append((scaled, scaled_masks))
+    (want, want_masks), (got, got_masks) = results
+    _assert_groups_close(got, want, dtype)
+    _assert_masks_equal(got_masks, want_masks)
+
+
+@pytest.mark.parametrize("config_name", list(UPDATE_CONFIGS))
+@pytest.mark.parametrize("score", ["grad", "grad_weight"])
+def test_scaled_gradients_with_inv_grad_scale_step_like_unscaled_ones(target, config_name, score):
+    """Unscaling comes first (clip, weight decay and moments see the true gradient), while the
+    selection scores the stored, scaled gradient: with a power-of-two scale it picks the same elements."""
+    config = UPDATE_CONFIGS[config_name]
+    start = _group(config, ODD_SIZES, torch.float32, seed=23)
+    scaled_start = dataclasses.replace(start, grads=[g * 1024 for g in start.grads])
+    for impl, device in _impls(target):
+        want, want_masks = _stepped(impl, device, start, config, score)
+        unscale = {"inv_grad_scale": 1 / 1024}
+        got, got_masks = _stepped(impl, device, scaled_start, config, score, scalars=unscale)
+        _assert_groups_equal(got, want)
+        _assert_masks_equal(got_masks, want_masks)
+
+
+@pytest.mark.parametrize("config_name", list(UPDATE_CONFIGS))
+@pytest.mark.parametrize("path", ["selection", "masks_in"])
+def test_found_inf_skips_the_step_and_writes_nothing(target, config_name, path):
+    config = UPDATE_CONFIGS[config_name]
+    start = _group(config, ODD_SIZES, torch.bfloat16, seed=25)
+    masks_in = None
+    if path == "masks_in":
+        segments = [0] * len(ODD_SIZES)
+        selection = eager.select(start.grads, None, "grad", segments, _ks(ODD_SIZES, segments, 0.4))
+        masks_in = empty_masks(start.params)
+        eager.write_masks(start.grads, None, "grad", segments, selection, masks_in)
+    pattern = [torch.full_like(m, MASK_PATTERN) for m in empty_masks(start.params)]
+    for impl, device in _impls(target):
+        got, got_masks = _stepped(impl, device, start, config, masks_in=masks_in, scalars={"found_inf": True})
+        _assert_groups_equal(got, start, fields=[f.name for f in dataclasses.fields(start)])
+        _assert_masks_equal(got_masks, pattern)
+
+
+@pytest.mark.parametrize("config_name", ["sgd-momentum-init", "sgd-nesterov-dampening"])
+@pytest.mark.parametrize("momentum_init", [True, False])
+def test_sgd_momentum_init_comes_from_the_device_scalars(target, config_name, momentum_init):
+    host = dataclasses.replace(UPDATE_CONFIGS[config_name], momentum_init=momentum_init)
+    start = _group(host, ODD_SIZES, torch.float32, seed=27)
+    for impl, device in _impls(target):
+        want, want_masks = _stepped(impl, device, start, host)
+        # The scalars carry momentum_init; the host field says the opposite and must be ignored.
+        device_config = dataclasses.replace(host.with_device_scalars(device), momentum_init=not momentum_init)
+        got, got_masks = _stepped(impl, device, start, device_config)
+        _assert_groups_equal(got, want)
+        _assert_masks_equal(got_masks, want_masks)

@@ -21,7 +21,7 @@ def _model(seed=0):
 def _train(model, optimizer, steps, seed=1, closure=False):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(8, 12, generator=gen)
+        x = torch.randn(8, 12, generator=gen).to(next(model.parameters()).device)
 
         def loss_fn(x=x):
             optimizer.zero_grad()
@@ -277,6 +277,65 @@ def test_a_training_step_under_torch_compile_gives_the_eager_result():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+_AMP_PAIRS = {
+    "adamw": (pk.SalientAdamW, torch.optim.AdamW, {"lr": 1e-2}),
+    "adam_beta1_0": (pk.SalientAdam, torch.optim.Adam, {"lr": 1e-2, "betas": (0.0, 0.999)}),
+    "sgd_momentum": (pk.SalientSGD, torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+}
+
+
+def _scaled_steps(model, optimizer, steps, overflow=(), seed=4):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 12, generator=gen)).pow(2).mean()
+        if step in overflow:  # inf gradients: the scaler must skip this step and back off
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return scaler
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", sorted(_AMP_PAIRS))
+def test_grad_scaler_skips_overflowing_steps_on_the_device_like_torch(backend, kind):
+    """The scaler hands over grad_scale / found_inf: unscaling happens in the fused pass and a step
+    with inf gradients is skipped without a host sync, bias corrections and SGD's buffer start
+    counting only applied steps; the trajectory is torch's."""
+    ours_cls, theirs_cls, options = _AMP_PAIRS[kind]
+    ours_model, reference = _model(), _model()
+    ours = ours_cls(ours_model.parameters(), **options, ratio=1.0, backend=backend)
+    theirs = theirs_cls(reference.parameters(), **options)
+    for model, optimizer in ((ours_model, ours), (reference, theirs)):
+        scale = _scaled_steps(model, optimizer, 5, overflow=(0, 3)).get_scale()
+    assert scale == 1024.0 / 4  # backed off twice, never grew
+    for p, q in zip(ours_model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    state = ours.state[next(ours_model.parameters())]
+    assert float(state["step"]) == 3 and state["selection_step"] == 5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_skipped_amp_step_leaves_parameters_state_masks_and_ema_untouched(backend):
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), ratio=0.3, refresh_every=2, ema=0.9, backend=backend)
+    _scaled_steps(model, optimizer, 2)
+    before = copy.deepcopy(optimizer.state_dict())
+    params_before = [p.detach().clone() for p in model.parameters()]
+    _scaled_steps(model, optimizer, 1, overflow=(0,), seed=9)  # step 3: a refresh step, overflowing
+    after = optimizer.state_dict()
+    for p, q in zip(model.parameters(), params_before, strict=True):
+        assert torch.equal(p, q)
+    for index, saved in before["state"].items():
+        for key, value in saved.items():
+            if key == "selection_step":
+                assert after["state"][index][key] == value + 1
+            else:
+                assert torch.equal(after["state"][index][key], value), key
+
+
 def test_grad_scaler_unscales_and_steps_like_torch_adamw():
     ours_model, reference = _model(), _model()
     ours = pk.SalientAdamW(ours_model.parameters(), lr=1e-2, ratio=1.0)
@@ -291,3 +350,65 @@ def test_grad_scaler_unscales_and_steps_like_torch_adamw():
             scaler.update()
     for p, q in zip(ours_model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---- GPU only: CUDA graphs and moving state between devices ------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_captured_cuda_graph_of_the_step_replays_like_eager_steps(backend):
+    """The step keeps its counter and bias corrections on the device, so a captured graph replays
+    steps that match eager ones (refresh_every=1: every replay reselects)."""
+    model, reference = _model().cuda(), _model().cuda()
+    options = dict(lr=1e-2, ratio=0.5, ema=0.9, backend=backend)
+    graphed = pk.SalientAdamW(model.parameters(), **options)
+    eager_steps = pk.SalientAdamW(reference.parameters(), **options)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [
+        [torch.randn(p.shape, generator=gen, device="cuda") for p in model.parameters()] for _ in range(6)
+    ]
+    static = [torch.zeros_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), static, strict=True):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up step: allocates state and caches the kernels' tables
+        torch._foreach_copy_(static, grads[0])
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for step_grads in grads[1:]:
+        torch._foreach_copy_(static, step_grads)
+        graph.replay()
+    for step_grads in grads:
+        for p, g in zip(reference.parameters(), step_grads, strict=True):
+            p.grad = g.clone()
+        eager_steps.step()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for m, n in zip(graphed.masks(), eager_steps.masks(), strict=True):
+        assert torch.equal(m, n)
+    assert float(graphed.state[next(model.parameters())]["step"]) == 6
+
+
+@pytest.mark.gpu
+def test_state_saved_on_cpu_loads_onto_cuda_parameters_and_continues():
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.5, ema=0.9)
+    _train(model, optimizer, 2)
+    moved = copy.deepcopy(model).cuda()
+    on_gpu = pk.SalientAdamW(moved.parameters(), lr=1e-2, ratio=0.5, ema=0.9)
+    on_gpu.load_state_dict(optimizer.state_dict())
+    for state in on_gpu.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert value.is_cuda, key
+        assert state["step"].dtype == torch.float32 and state["mask"].dtype == torch.int32
+    _train(model, optimizer, 1, seed=5)
+    _train(moved, on_gpu, 1, seed=5)
+    for p, q in zip(moved.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=1e-6)

@@ -37,6 +37,7 @@ ARG_TYPES = {
     "ties_ptr": "*i64",
     "tie_base_ptr": "*i64",
     "counts_ptr": "*i64",
+    "scalars_ptr": "*fp32",
     "num_segments": "i32",
 }
 
@@ -74,6 +75,7 @@ def _cases(tl, passes):
             EMA=False,
             MASK_IN=False,
             MASK_OUT=False,
+            HAS_SCALARS=False,
         )
         for changes in (
             {},
@@ -82,6 +84,9 @@ def _cases(tl, passes):
             dict(KIND=2, NESTEROV=True, L2=True, EMA=True),
             dict(KIND=2, MOMENTUM_INIT=True, MASK_IN=True),
             dict(KIND=2, HAS_M=False),
+            # Device step scalars: Adam with everything on, SGD with the run-time momentum_init.
+            dict(WEIGHTED=True, CLIP=True, EMA=True, MASK_OUT=True, HAS_SCALARS=True),
+            dict(KIND=2, L2=True, EMA=True, MASK_IN=True, MASK_OUT=True, HAS_SCALARS=True),
         ):
             yield "update", {**base, **changes}
     for index, (_, _, bits) in enumerate(passes):

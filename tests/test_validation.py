@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,6 +111,21 @@ def test_bad_hyper_parameters_are_rejected():
         "clip_value must be positive",
         config=pk.StepConfig.adam("adamw", lr=0.1, step=1, clip_value=0.0),
     )
+
+
+@pytest.mark.parametrize(
+    "scalars, exception, match",
+    [
+        ([1.0, 1.0, 1.0, 0.0, 0.0], TypeError, "config.scalars must be a float32 tensor"),
+        (torch.zeros(5, dtype=torch.float64), TypeError, "config.scalars has dtype torch.float64"),
+        (torch.zeros(4), ValueError, "config.scalars has 4 elements; expected 5"),
+        (torch.zeros(10)[::2], ValueError, "config.scalars is not contiguous"),
+        (torch.zeros(5, device="meta"), ValueError, "config.scalars is on meta but the params are on cpu"),
+    ],
+)
+def test_step_scalars_of_the_wrong_type_size_layout_or_device_are_rejected(scalars, exception, match):
+    config = dataclasses.replace(CONFIG, scalars=scalars)
+    _call_and_check_nothing_changed(exception, match, config=config)
 
 
 def test_exactly_one_of_ratio_and_masks_in():

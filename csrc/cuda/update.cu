@@ -1,7 +1,8 @@
 // The fused masked optimizer step: one pass over p, g and the optimizer state per element. The
 // selection is recomputed from the score (or read from a packed mask); selected elements get
 // pecker::step_element, unselected ones are not written at all; the EMA follows every element from
-// the stored (rounded) parameter. Optionally writes the applied mask.
+// the stored (rounded) parameter. Optionally writes the applied mask. With device step scalars
+// (StepParams::scalars) a found_inf skips the whole step without the host ever reading it.
 #include "common.cuh"
 
 namespace pecker {
@@ -105,14 +106,32 @@ __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDes
   }
 }
 
+// Overrides the host step scalars with StepConfig.scalars; false on found_inf (the step is skipped).
+__device__ __forceinline__ bool load_step_scalars(StepParams& sp) {
+  const float* s = reinterpret_cast<const float*>(static_cast<uintptr_t>(sp.scalars));
+  // All five loads issued before the branch: one memory round trip per block.
+  const float step_size = __ldg(s), bias_correction2_sqrt = __ldg(s + 1), inv_grad_scale = __ldg(s + 2);
+  const float found_inf = __ldg(s + 3), momentum_init = __ldg(s + 4);
+  if (found_inf != 0.0f) return false;
+  sp.step_size = step_size;
+  sp.bias_correction2_sqrt = bias_correction2_sqrt;
+  sp.momentum_init = momentum_init != 0.0f;
+  sp.has_grad_scale = 1;
+  sp.inv_grad_scale = inv_grad_scale;
+  return true;
+}
+
 __global__ void __launch_bounds__(kBlock) update_kernel(Scope scope, UpdateArgs args) {
   __shared__ RankScratch scratch;
+  UpdateArgs a = args;
+  // scalars is a kernel argument, so the return is uniform and comes before any store (mask_out too).
+  if (a.params.scalars != 0 && !load_step_scalars(a.params)) return;
   const ChunkDesc chunk = scope.chunks[blockIdx.x];
   const TensorDesc& d = scope.tensors[chunk.tensor];
   switch (d.dtype) {  // one tensor per block: uniform
-    case kFloat16: update_chunk<__half>(d, chunk, args, scratch); break;
-    case kBFloat16: update_chunk<__nv_bfloat16>(d, chunk, args, scratch); break;
-    default: update_chunk<float>(d, chunk, args, scratch); break;
+    case kFloat16: update_chunk<__half>(d, chunk, a, scratch); break;
+    case kBFloat16: update_chunk<__nv_bfloat16>(d, chunk, a, scratch); break;
+    default: update_chunk<float>(d, chunk, a, scratch); break;
   }
 }
 

@@ -27,7 +27,8 @@ Every backend module exposes:
     The fused masked optimizer step. Exactly one of ``selection`` / ``masks_in`` is given.
     Selected elements get the optimizer update; unselected ones are frozen (parameter and moments
     untouched). The EMA copy, when present, follows every element. ``masks_out`` (optional)
-    receives the packed mask that was applied.
+    receives the packed mask that was applied. ``config.scalars`` (optional, see ``StepConfig``)
+    supplies the step-dependent scalars from the device; its ``found_inf`` skips the whole update.
 
 Inputs reach a backend already validated (see ``pecker_kernels.validation``): contiguous, one device,
 params and grads of one dtype per tensor among fp32/fp16/bf16, state tensors fp32.
@@ -36,7 +37,7 @@ params and grads of one dtype per tensor among fp32/fp16/bf16, state tensors fp3
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -52,6 +53,14 @@ MASK_WORD_BITS = 32
 SCORE_CODES = {"grad": 0, "grad_weight": 1}
 OPTIMIZER_CODES = {"adamw": 0, "adam": 1, "sgd": 2}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Layout of StepConfig.scalars (float32, on the parameters' device).
+SCALARS: tuple[str, ...] = (
+    "step_size",
+    "bias_correction2_sqrt",
+    "inv_grad_scale",
+    "found_inf",
+    "momentum_init",
+)
 
 
 @dataclass
@@ -76,7 +85,7 @@ class TensorGroup:
 
 @dataclass(frozen=True)
 class StepConfig:
-    """Hyper-parameters of one update, with the step-dependent scalars already computed on the host.
+    """Hyper-parameters of one update; the step-dependent scalars computed on the host or on the device.
 
     Element math (fp32), for a selected element with gradient ``g`` and parameter ``p``:
 
@@ -89,6 +98,18 @@ class StepConfig:
       ``buf = momentum * buf + (1 - dampening) * g``; ``g = g + momentum * buf`` (nesterov) or
       ``g = buf``; then ``p -= lr * g``.
     * EMA (every element, selected or not): ``e = e + (1 - ema_decay) * (p_stored - e)``.
+
+    Device-side step scalars (for a ``GradScaler`` and CUDA-graph capture): ``scalars``, when given, is
+    a contiguous float32 tensor of exactly 5 elements on the parameters' device,
+    ``[step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, momentum_init]`` (``SCALARS``).
+    The update then uses ``scalars[0]`` and ``scalars[1]`` instead of ``step_size`` and
+    ``bias_correction2_sqrt``, ``momentum_init = scalars[4] != 0`` instead of ``momentum_init``, and
+    multiplies every gradient by ``scalars[2]`` before any other element math (``g = g *
+    inv_grad_scale`` comes first in the list above). When ``scalars[3] != 0`` (found_inf) the update
+    writes nothing at all: no parameter, moment or EMA, and ``masks_out`` keeps its old content.
+    Selection is unchanged: scores come from the gradients as stored (not unscaled), as ``select``
+    saw them. Backends never read CUDA scalars back on the host (no synchronisation). ``None``: the
+    host fields, exactly as before.
     """
 
     kind: Literal["adamw", "adam", "sgd"]
@@ -105,6 +126,21 @@ class StepConfig:
     momentum_init: bool = False
     clip_value: float | None = None
     ema_decay: float | None = None
+    scalars: Tensor | None = None  # float32 [5] on the device, see SCALARS; None: the host fields
+
+    def with_device_scalars(
+        self, device: torch.device | str, *, inv_grad_scale: float = 1.0, found_inf: bool = False
+    ) -> StepConfig:
+        """This config with ``scalars`` holding its own host values (plus the given grad scale and
+        found_inf) on ``device``: a starting point that a training loop then updates in place."""
+        values = [
+            self.step_size,
+            self.bias_correction2_sqrt,
+            inv_grad_scale,
+            float(found_inf),
+            float(self.momentum_init),
+        ]
+        return replace(self, scalars=torch.tensor(values, dtype=torch.float32, device=device))
 
     @staticmethod
     def adam(

@@ -160,6 +160,20 @@ def _step_params(config: StepConfig, has_exp_avg: bool, has_ema: bool):
     return sp
 
 
+def _apply_scalars(sp, scalars: Tensor) -> bool:
+    """Overrides ``sp`` with ``StepConfig.scalars`` (read here: on the CPU that costs no sync);
+    False when found_inf says the step is skipped."""
+    step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, momentum_init = scalars.tolist()
+    if found_inf != 0:
+        return False
+    sp.step_size = step_size
+    sp.bias_correction2_sqrt = bias_correction2_sqrt
+    sp.momentum_init = int(momentum_init != 0)
+    sp.has_grad_scale = 1
+    sp.inv_grad_scale = inv_grad_scale
+    return True
+
+
 def update(
     group: TensorGroup,
     config: StepConfig,
@@ -169,14 +183,17 @@ def update(
     masks_in: Sequence[Tensor] | None = None,
     masks_out: Sequence[Tensor] | None = None,
 ) -> None:
-    numel, dtypes = _sizes(group.params)
-    chosen = None if selection is None else _selection_tensors(selection)
-    threshold, take, ties = (0, 0, 0) if chosen is None else (t.data_ptr() for t in chosen)
-    num_segments = 0 if chosen is None else chosen[0].numel()
     # The kernel keeps no first moment without exp_avg (Adam beta1 == 0, SGD without momentum).
     exp_avg = group.exp_avg
     exp_avg_sq = group.exp_avg_sq if config.kind != "sgd" else None
     ema = group.ema if config.ema_decay is not None else None
+    sp = _step_params(config, exp_avg is not None, ema is not None)
+    if config.scalars is not None and not _apply_scalars(sp, config.scalars):
+        return  # found_inf: nothing is written, masks_out included
+    numel, dtypes = _sizes(group.params)
+    chosen = None if selection is None else _selection_tensors(selection)
+    threshold, take, ties = (0, 0, 0) if chosen is None else (t.data_ptr() for t in chosen)
+    num_segments = 0 if chosen is None else chosen[0].numel()
     cpu_module.update(
         _ptrs(group.params),
         _ptrs(group.grads),
@@ -185,7 +202,7 @@ def update(
         _ptrs(ema),
         numel,
         dtypes,
-        _step_params(config, exp_avg is not None, ema is not None),
+        sp,
         SCORE_CODES[score],
         list(segments),
         threshold,

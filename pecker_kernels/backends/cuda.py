@@ -23,7 +23,16 @@ import torch
 from torch import Tensor
 
 from . import native
-from .base import DTYPE_CODES, OPTIMIZER_CODES, SCORE_CODES, Selection, StepConfig, TensorGroup, mask_words
+from .base import (
+    DTYPE_CODES,
+    OPTIMIZER_CODES,
+    SCALARS,
+    SCORE_CODES,
+    Selection,
+    StepConfig,
+    TensorGroup,
+    mask_words,
+)
 
 name = "cuda"
 
@@ -343,6 +352,13 @@ def update(
     if n == 0:
         return
     device = params[0].device
+    scalars = config.scalars
+    if scalars is not None and (scalars.dtype != torch.float32 or scalars.numel() != len(SCALARS)):
+        raise ValueError(
+            f"config.scalars: expected float32 with {len(SCALARS)} elements, "
+            f"got {scalars.dtype} with {scalars.numel()}"
+        )
+    scalars_addr = _addr(scalars, device, "config.scalars")  # read by the kernel, never by the host
     if selection is not None:
         n_segments = selection.threshold.numel()
         selection = _selection_on(selection, device, n_segments)
@@ -389,6 +405,7 @@ def update(
             has_ema=group.ema is not None,
             ema_decay=0.0 if c.ema_decay is None else c.ema_decay,
             has_exp_avg=group.exp_avg is not None,
+            scalars=scalars_addr,
             stream=_stream(device),
             **sel,
         )

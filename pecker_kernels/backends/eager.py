@@ -117,6 +117,14 @@ def _update_one(p: Tensor, g: Tensor, m, v, e, chosen: Tensor, c: StepConfig) ->
     shape = p.shape
     param = p.reshape(-1).float()
     grad = g.reshape(-1).float()
+    step_size, bias_correction2_sqrt, momentum_init = c.step_size, c.bias_correction2_sqrt, c.momentum_init
+    skip = None
+    if c.scalars is not None:  # device scalars: 0-d tensors, never read on the host
+        step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, init = c.scalars.unbind()
+        grad = grad * inv_grad_scale
+        momentum_init = init != 0
+        skip = found_inf != 0
+        chosen = chosen & ~skip
     if c.clip_value is not None:
         grad = grad.clamp(-c.clip_value, c.clip_value)
     new_p = param
@@ -127,21 +135,26 @@ def _update_one(p: Tensor, g: Tensor, m, v, e, chosen: Tensor, c: StepConfig) ->
     if c.kind in ("adamw", "adam"):
         exp_avg = grad if m is None else m.reshape(-1) + (1 - c.beta1) * (grad - m.reshape(-1))
         exp_avg_sq = c.beta2 * v.reshape(-1) + (1 - c.beta2) * grad * grad
-        denom = exp_avg_sq.sqrt() / c.bias_correction2_sqrt + c.eps
-        new_p = new_p - c.step_size * exp_avg / denom
+        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + c.eps
+        new_p = new_p - step_size * exp_avg / denom
         v.copy_(torch.where(chosen, exp_avg_sq, v.reshape(-1)).view_as(v))
         if m is not None:
             m.copy_(torch.where(chosen, exp_avg, m.reshape(-1)).view_as(m))
     else:
         if m is not None:
-            buf = grad if c.momentum_init else c.momentum * m.reshape(-1) + (1 - c.dampening) * grad
+            buf = c.momentum * m.reshape(-1) + (1 - c.dampening) * grad
+            if isinstance(momentum_init, Tensor):
+                buf = torch.where(momentum_init, grad, buf)
+            elif momentum_init:
+                buf = grad
             m.copy_(torch.where(chosen, buf, m.reshape(-1)).view_as(m))
             grad = grad + c.momentum * buf if c.nesterov else buf
         new_p = new_p - c.lr * grad
     p.copy_(torch.where(chosen, new_p, param).view(shape))
     if e is not None:
         stored = p.reshape(-1).float()
-        e.copy_((e.reshape(-1) + (1 - c.ema_decay) * (stored - e.reshape(-1))).view_as(e))
+        ema = e.reshape(-1) + (1 - c.ema_decay) * (stored - e.reshape(-1))
+        e.copy_((ema if skip is None else torch.where(skip, e.reshape(-1), ema)).view_as(e))
 
 
 def update(
@@ -170,5 +183,7 @@ def update(
             config,
         )
     if masks_out is not None:
+        # found_inf leaves masks_out as it was, like everything else the update writes.
+        skip = None if config.scalars is None else config.scalars[3] != 0
         for mask, out in zip(chosen, masks_out, strict=True):
-            out.copy_(pack(mask))
+            out.copy_(pack(mask) if skip is None else torch.where(skip, out, pack(mask)))

@@ -254,7 +254,7 @@ def update(
         threshold = torch.zeros(1, dtype=torch.float32, device=device)
         tie_base = take = ties = torch.zeros(1, dtype=torch.int64, device=device)
     # Coefficients like 1 - beta1 are computed in double on the host, as the eager oracle does.
-    scalars = dict(
+    host_scalars = dict(
         lr=c.lr,
         decay=1.0 - c.lr * c.weight_decay,
         weight_decay=c.weight_decay,
@@ -277,7 +277,8 @@ def update(
             take,
             ties,
             tie_base,
-            **scalars,
+            threshold if c.scalars is None else c.scalars,  # unused without HAS_SCALARS: any fp32 tensor
+            **host_scalars,
             DTYPE=_tl_dtype(launch.dtype),
             WEIGHTED=weighted,
             KIND={"adamw": 0, "adam": 1, "sgd": 2}[c.kind],
@@ -285,10 +286,11 @@ def update(
             L2=c.kind != "adamw" and c.weight_decay != 0,
             CLIP=c.clip_value is not None,
             NESTEROV=c.nesterov,
-            MOMENTUM_INIT=c.momentum_init,
+            MOMENTUM_INIT=c.momentum_init and c.scalars is None,  # else from the scalars, at run time
             EMA=group.ema is not None,
             MASK_IN=selection is None,
             MASK_OUT=masks_out is not None,
+            HAS_SCALARS=c.scalars is not None,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )

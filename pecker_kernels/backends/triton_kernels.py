@@ -216,6 +216,7 @@ def _update_kernel(
     take_ptr,
     ties_ptr,
     tie_base_ptr,
+    scalars_ptr,  # StepConfig.scalars (read only with HAS_SCALARS)
     lr,
     decay,  # adamw: 1 - lr * weight_decay
     weight_decay,
@@ -240,6 +241,7 @@ def _update_kernel(
     EMA: tl.constexpr,
     MASK_IN: tl.constexpr,  # read the selection from packed masks instead of the threshold
     MASK_OUT: tl.constexpr,
+    HAS_SCALARS: tl.constexpr,  # step_size, bias_correction2_sqrt, momentum_init from scalars_ptr
     BLOCK: tl.constexpr,
 ):
     """The masked optimizer step; address columns: param, grad, exp_avg, exp_avg_sq, ema, mask in, out.
@@ -248,6 +250,13 @@ def _update_kernel(
     order mirrors the eager oracle so that results agree to fp32 rounding.
     """
     row, start, count, segment, item = _item(items_ptr, tl.program_id(0))
+    if HAS_SCALARS:  # device step scalars, never read by the host
+        step_size = tl.load(scalars_ptr)
+        bias_correction2_sqrt = tl.load(scalars_ptr + 1)
+        inv_grad_scale = tl.load(scalars_ptr + 2)
+        # found_inf: the chunk counts as empty, so the loop below stores nothing (masks included).
+        count = tl.where(tl.load(scalars_ptr + 3) != 0, 0, count)
+        momentum_init = tl.load(scalars_ptr + 4) != 0
     addrs = addrs_ptr + row * 7  # this tensor's base addresses
     p_ptr = tl.load(addrs).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(addrs + 1).to(tl.pointer_type(DTYPE)) + start
@@ -278,6 +287,8 @@ def _update_kernel(
         if MASK_OUT:
             _pack_store(chosen, out_ptr, off, count, BLOCK)
 
+        if HAS_SCALARS:  # unscale after the selection, which scores the gradient as stored
+            g = g * inv_grad_scale
         if CLIP:  # comparisons keep NaN, like torch.clamp
             g = tl.where(g > clip_value, clip_value, tl.where(g < -clip_value, -clip_value, g))
         new_p = p
@@ -303,6 +314,8 @@ def _update_kernel(
                     buf = g
                 else:
                     buf = momentum * tl.load(m_ptr + offs, mask=chosen, other=0.0) + dampening_c * g
+                    if HAS_SCALARS:
+                        buf = tl.where(momentum_init, g, buf)
                 tl.store(m_ptr + offs, buf, mask=chosen)
                 if NESTEROV:
                     g = g + momentum * buf

@@ -23,6 +23,7 @@ enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaskWordBits = 32;
 
 // Hyper-parameters of one update, step-dependent scalars precomputed on the host (StepConfig).
+// Zero-initialise it (StepParams{}): the optional fields below then keep their "absent" meaning.
 struct StepParams {
   int kind;
   float lr;
@@ -50,6 +51,13 @@ struct StepParams {
   float one_minus_beta2;
   float one_minus_dampening;
   float one_minus_ema_decay;
+  // GradScaler unscaling, applied to the gradient before any other element math (the CPU backend
+  // sets it from StepConfig.scalars on the host, the CUDA kernel from `scalars` on the device).
+  int has_grad_scale;
+  float inv_grad_scale;
+  // Device address of StepConfig.scalars (float32 [step_size, bias_correction2_sqrt, inv_grad_scale,
+  // found_inf, momentum_init]), 0 when absent. Read by the CUDA update kernel only.
+  uint64_t scalars;
 };
 
 }  // namespace pecker
