@@ -203,9 +203,8 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   // scattered single elements cost one each, and the runs still spread over the whole segment.
   constexpr int64_t kRun = 16;
   const int64_t runs = std::clamp<int64_t>(n / (16 * kRun), 64, 4096);
-  std::vector<float> sample(static_cast<size_t>(runs * kRun));
-  int64_t m = 0;   // scores sampled, finite or not
-  int64_t mf = 0;  // finite ones, packed at the front of `sample`
+  // Run j covers [pos_j, pos_j + kRun) of the segment's flat order, cut at its tensor's end.
+  std::vector<Range> sample_runs(static_cast<size_t>(runs));
   {
     size_t member = 0;
     int64_t offset = 0;  // flat index of the current member's first element
@@ -217,10 +216,28 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
       }
       const int64_t i = seg.members[member];
       const int64_t b = pos - offset;
-      const int64_t e = std::min(b + kRun, t.numel[static_cast<size_t>(i)]);
-      mf += K.collect(score_src(t, i), b, e, sample.data() + mf);
-      m += e - b;
+      sample_runs[static_cast<size_t>(j)] = {i, b, std::min(b + kRun, t.numel[static_cast<size_t>(i)])};
     }
+  }
+  // Every run is a cache miss: the threads take them in parallel, each into its own slot of kRun.
+  std::vector<float> slots(static_cast<size_t>(runs * kRun));
+  std::vector<int64_t> kept_per_run(static_cast<size_t>(runs));
+  const int sample_threads = n >= kParallelMin ? std::max(1, threads) : 1;
+#pragma omp parallel for num_threads(sample_threads) schedule(static)
+  for (int64_t j = 0; j < runs; ++j) {
+    const Range& r = sample_runs[static_cast<size_t>(j)];
+    kept_per_run[static_cast<size_t>(j)] =
+        K.collect(score_src(t, r.tensor), r.begin, r.end, slots.data() + j * kRun);
+  }
+  int64_t m = 0;   // scores sampled, finite or not
+  int64_t mf = 0;  // finite ones, packed at the front of `sample`
+  std::vector<float> sample(static_cast<size_t>(runs * kRun));
+  for (int64_t j = 0; j < runs; ++j) {
+    const Range& r = sample_runs[static_cast<size_t>(j)];
+    m += r.end - r.begin;
+    const int64_t c = kept_per_run[static_cast<size_t>(j)];
+    std::copy(slots.begin() + j * kRun, slots.begin() + j * kRun + c, sample.begin() + mf);
+    mf += c;
   }
   sample.resize(static_cast<size_t>(mf));
   float lo = 0.0f, hi = __FLT_MAX__;
@@ -232,20 +249,14 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     const double margin = 4.0 * std::sqrt(std::max(r, 0.0) + 1.0) + 4.0;
     const int64_t hi_idx = static_cast<int64_t>(std::floor(r - margin));
     const int64_t lo_idx = static_cast<int64_t>(std::ceil(r + margin));
-    // Only the two order statistics are needed (descending): two partial selections, no sort.
-    const auto first = sample.begin();
-    auto until = sample.end();
-    if (lo_idx < mf) {
-      const auto at = first + std::max<int64_t>(lo_idx, 0);
-      std::nth_element(first, at, until, std::greater<float>());
-      lo = *at;
-      until = at;
-    }
-    if (hi_idx >= 0) {
-      const auto at = first + std::min(hi_idx, mf - 1);
-      if (at < until) std::nth_element(first, at, until, std::greater<float>());
-      hi = *at;
-    }
+    // The two order statistics (0-based, descending) by the histogram select, on scratch copies.
+    std::vector<float> scratch(sample.size());
+    const auto order_statistic = [&](int64_t idx) {
+      std::copy(sample.begin(), sample.end(), scratch.begin());
+      return select_in_memory(scratch.data(), mf, idx + 1).threshold;
+    };
+    if (lo_idx < mf) lo = order_statistic(std::max<int64_t>(lo_idx, 0));
+    if (hi_idx >= 0) hi = order_statistic(std::min(hi_idx, mf - 1));
     kept_fraction =
         static_cast<double>(std::max<int64_t>(std::min(lo_idx, mf) - std::max<int64_t>(hi_idx, 0), 0)) / m;
   }
