@@ -11,6 +11,9 @@ torch optimizer they replace, plus keyword-only saliency options (all settable p
   stored bit-packed mask in between; 0 selects once (the first step, or ``compute_mask``/``set_masks``).
 * ``clip_value``: clip gradients by value inside the fused step. ``ema``: keep an EMA copy of the
   parameters (decay) in the same pass, see ``ema_parameters()``.
+* ``state_dtype``: storage of the moments (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``): None or
+  ``torch.float32`` (default), or ``torch.bfloat16`` to halve their memory. The math stays fp32: each
+  moment is loaded to fp32 and rounded once (to nearest even) when stored. The EMA copy stays fp32.
 * ``backend``: "auto", "eager", "cpu", "cuda" or "triton".
 * ``process_group``: the parameters are this rank's shards of one global set; selections span every
   rank of the group (see ``pecker_kernels.distributed``). Sharded DTensor parameters (FSDP2) bring
@@ -43,7 +46,7 @@ from torch.optim import Optimizer
 
 from . import dispatch, distributed
 from .backends import eager
-from .backends.base import PARAM_DTYPES, SCORES, StepConfig, TensorGroup, empty_masks
+from .backends.base import PARAM_DTYPES, SCORES, STATE_DTYPES, StepConfig, TensorGroup, empty_masks
 from .profiling import nvtx_range
 from .select import budgets, segments_of
 from .update import check_config
@@ -91,6 +94,7 @@ class _SalientOptimizer(Optimizer):
         if group["backend"] != "auto" and group["params"]:
             dispatch.resolve(group["backend"], group["params"][0].device)  # raises if it cannot run there
         check_config(self._config(group, step=1))
+        _state_dtype(group)
         for p in group["params"]:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(
@@ -120,18 +124,28 @@ class _SalientOptimizer(Optimizer):
             )
             return  # one check covers every scope: they all follow the same signature
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("state_dtype", None)  # saved before the option existed
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but state keeps its own dtype: fp32 moments and EMA, int32 masks (torch would cast
-        every state tensor to the parameter's dtype). Moves state to each parameter's device."""
+        """As torch's, but state keeps its own dtype: moments in their group's ``state_dtype``, fp32 EMA
+        and step, int32 masks (torch would cast every state tensor to the parameter's dtype). As with
+        torch, the saved param groups (``state_dtype`` included) replace the current ones. Moves state
+        to each parameter's device."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for param_id, p in zip(ids, params, strict=True):
+        pairs = [(g, p) for g in self.param_groups for p in g["params"]]
+        for param_id, (group, p) in zip(ids, pairs, strict=True):
             state = self.state[p]
+            moments = self._state_keys(group)
             for key, value in saved.get(param_id, {}).items():
                 if isinstance(value, Tensor):
-                    dtype = torch.float32 if value.is_floating_point() else value.dtype
+                    dtype = value.dtype
+                    if value.is_floating_point():
+                        dtype = _state_dtype(group) if key in moments else torch.float32
                     state[key] = value.to(device=_local(p).device, dtype=dtype, copy=True)
             if "step" in state and "selection_step" not in state:  # saved before the key existed
                 state["selection_step"] = int(state["step"])
@@ -194,15 +208,16 @@ class _SalientOptimizer(Optimizer):
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         state = self.state[p]
+        dtype = _state_dtype(group)
+        moments = [key for key in self._state_keys(group) if key is not None]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
             state["selection_step"] = 0
-            first, second = self._state_keys(group)
-            for key in (first, second):
-                if key is not None:
-                    state[key] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.contiguous_format
-                    )
+            for key in moments:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        for key in moments:
+            if state[key].dtype != dtype:  # the group's state_dtype was changed since
+                state[key] = state[key].to(dtype)
         if group["ema"] is not None and "ema" not in state:
             state["ema"] = p.detach().float().clone(memory_format=torch.contiguous_format)
         return state
@@ -418,11 +433,12 @@ class SalientAdamW(_SalientOptimizer):
         refresh_every: int = 1,
         clip_value: float | None = None,
         ema: float | None = None,
+        state_dtype: torch.dtype | None = None,
         backend: str = "auto",
         process_group: Any = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
+        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend))
         super().__init__(params, defaults, process_group)
 
     def _config(self, group: dict[str, Any], step: int) -> StepConfig:
@@ -465,6 +481,7 @@ class SalientAdam(SalientAdamW):
         refresh_every: int = 1,
         clip_value: float | None = None,
         ema: float | None = None,
+        state_dtype: torch.dtype | None = None,
         backend: str = "auto",
         process_group: Any = None,
     ) -> None:
@@ -480,6 +497,7 @@ class SalientAdam(SalientAdamW):
             refresh_every=refresh_every,
             clip_value=clip_value,
             ema=ema,
+            state_dtype=state_dtype,
             backend=backend,
             process_group=process_group,
         )
@@ -505,13 +523,14 @@ class SalientSGD(_SalientOptimizer):
         refresh_every: int = 1,
         clip_value: float | None = None,
         ema: float | None = None,
+        state_dtype: torch.dtype | None = None,
         backend: str = "auto",
         process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
         )
-        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, backend))
+        defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend))
         super().__init__(params, defaults, process_group)
 
     def _config(self, group: dict[str, Any], step: int) -> StepConfig:
@@ -551,7 +570,7 @@ def _select(
         return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 
-def _saliency(ratio, score, scope, refresh_every, clip_value, ema, backend) -> dict[str, Any]:
+def _saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend) -> dict[str, Any]:
     return dict(
         ratio=ratio,
         score=score,
@@ -559,5 +578,16 @@ def _saliency(ratio, score, scope, refresh_every, clip_value, ema, backend) -> d
         refresh_every=refresh_every,
         clip_value=clip_value,
         ema=ema,
+        state_dtype=state_dtype,
         backend=backend,
     )
+
+
+def _state_dtype(group: dict[str, Any]) -> torch.dtype:
+    """The dtype a group's moments are stored in; raises for anything but None, fp32 and bf16."""
+    dtype = group["state_dtype"]
+    if dtype is None:
+        return torch.float32
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {dtype!r}")
+    return dtype

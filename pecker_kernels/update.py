@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends.base import OPTIMIZERS, SCALARS, StepConfig, TensorGroup
+from .backends.base import OPTIMIZERS, SCALARS, STATE_DTYPES, StepConfig, TensorGroup
 from .profiling import nvtx_range
 from .select import budgets, segments_of
 from .validation import (
@@ -89,10 +89,11 @@ def masked_update(
 
     Give ``ratio`` to select the top ``ratio`` scores now (exact, ties to the lower flat index), or
     ``masks_in`` (packed int32 masks) to reuse a stored selection. ``masks_out`` receives the packed
-    mask that was applied. State tensors are fp32 and shaped like ``params``; which ones are needed
-    follows ``config`` (``exp_avg`` for Adam with beta1 > 0 or SGD with momentum, ``exp_avg_sq`` for
-    Adam, ``ema`` when ``config.ema_decay`` is set). Inputs are all checked before anything is
-    written, so a bad call changes nothing.
+    mask that was applied. State tensors are shaped like ``params``; which ones are needed follows
+    ``config`` (``exp_avg`` for Adam with beta1 > 0 or SGD with momentum, ``exp_avg_sq`` for Adam,
+    ``ema`` when ``config.ema_decay`` is set). The moments are fp32 or bf16 (the math is fp32 either
+    way; see ``StepConfig``), both moments of one tensor alike; the EMA is fp32. Inputs are all
+    checked before anything is written, so a bad call changes nothing.
     """
     check_config(config)
     check_score_and_scope(score, scope)
@@ -103,9 +104,13 @@ def masked_update(
     device = check_tensors("params", params)
     check_step_scalars(config.scalars, device)
     check_like("grads", grads, params, "params")
-    _check_state("exp_avg", exp_avg, needs_exp_avg(config), params, config)
-    _check_state("exp_avg_sq", exp_avg_sq, config.kind != "sgd", params, config)
-    _check_state("ema", ema, config.ema_decay is not None, params, config)
+    _check_state("exp_avg", exp_avg, needs_exp_avg(config), params, config, STATE_DTYPES)
+    _check_state("exp_avg_sq", exp_avg_sq, config.kind != "sgd", params, config, STATE_DTYPES)
+    _check_state("ema", ema, config.ema_decay is not None, params, config, torch.float32)
+    if exp_avg is not None and exp_avg_sq is not None:
+        for i, (m, v) in enumerate(zip(exp_avg, exp_avg_sq, strict=True)):
+            if m.dtype != v.dtype:  # the kernels take one moment dtype per tensor
+                raise TypeError(f"exp_avg[{i}] has dtype {m.dtype} but exp_avg_sq[{i}] has {v.dtype}")
     check_masks("masks_in", masks_in, params)
     check_masks("masks_out", masks_out, params)
 
@@ -135,12 +140,12 @@ def masked_update(
         )
 
 
-def _check_state(name, tensors, needed: bool, params, config: StepConfig) -> None:
+def _check_state(name, tensors, needed: bool, params, config: StepConfig, dtype) -> None:
     if needed and tensors is None:
         raise ValueError(f"{name} is required for this {config.kind} configuration")
     if not needed and tensors is not None:
         raise ValueError(f"{name} was given but this {config.kind} configuration keeps no {name}")
-    check_like(name, tensors, params, "params", dtype=torch.float32)
+    check_like(name, tensors, params, "params", dtype=dtype)
 
 
 def _list(tensors: Sequence[Tensor] | None) -> list[Tensor] | None:

@@ -57,10 +57,10 @@ def check_like(
     reference: Sequence[Tensor],
     ref_name: str,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
 ) -> None:
-    """``tensors`` pair up with ``reference``: same count, shapes and device (and ``dtype`` if given,
-    else the reference's dtype)."""
+    """``tensors`` pair up with ``reference``: same count, shapes and device (and ``dtype``, one dtype
+    or a tuple of allowed ones, if given, else the reference's dtype)."""
     if tensors is None:
         return
     check_tensors(name, tensors, reference[0].device)
@@ -71,8 +71,9 @@ def check_like(
             raise ValueError(
                 f"{name}[{i}] has shape {tuple(t.shape)} but {ref_name}[{i}] has {tuple(r.shape)}"
             )
-        want = dtype or r.dtype
-        if t.dtype != want:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype or r.dtype,)
+        if t.dtype not in allowed:
+            want = " or ".join(map(str, allowed))
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected {want}")
 
 

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "../csrc/cpu/kernels.h"
@@ -36,10 +37,11 @@ void write_masks_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::
 }
 
 void update_op(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& e, const Ptrs& numel,
-            const std::vector<int>& dtype, const StepParams& params, int score, const Ptrs& segments,
-            int64_t threshold, int64_t take, int64_t ties, int64_t num_segments, const Ptrs& mask_in,
-            const Ptrs& mask_out, int threads) {
-  const pecker::cpu::UpdateTensors t{p, g, m, v, e, numel, dtype, mask_in, mask_out};
+            const std::vector<int>& dtype, const std::vector<int>& state_dtype, const StepParams& params,
+            int score, const Ptrs& segments, int64_t threshold, int64_t take, int64_t ties,
+            int64_t num_segments, const Ptrs& mask_in, const Ptrs& mask_out, int threads) {
+  if (state_dtype.size() != numel.size()) throw std::invalid_argument("state_dtype: one code per tensor");
+  const pecker::cpu::UpdateTensors t{p, g, m, v, e, numel, dtype, state_dtype, mask_in, mask_out};
   pecker::cpu::update(t, params, score, segments, as_ptr<const float>(threshold), as_ptr<const int64_t>(take),
                       as_ptr<const int64_t>(ties), num_segments, threads);
 }
@@ -101,6 +103,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("update", &update_op, nogil,
         "Fused masked optimizer step over many tensors (selection by threshold/take/ties or mask_in).",
         py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("e"), py::arg("numel"), py::arg("dtype"),
-        py::arg("params"), py::arg("score"), py::arg("segments"), py::arg("threshold"), py::arg("take"),
-        py::arg("ties"), py::arg("num_segments"), py::arg("mask_in"), py::arg("mask_out"), py::arg("threads"));
+        py::arg("state_dtype"), py::arg("params"), py::arg("score"), py::arg("segments"), py::arg("threshold"),
+        py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("mask_in"), py::arg("mask_out"),
+        py::arg("threads"));
 }

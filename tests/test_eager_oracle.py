@@ -93,3 +93,56 @@ def test_eager_update_with_everything_selected_follows_torch_optim(kind, make_to
         eager.update(group, config_of_step(step), "grad", [0, 0], masks_in=_all_selected(ours))
     for p, q in zip(ours, reference, strict=True):
         torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-6)
+
+
+def _reference_bf16_moment_step(kind, p, g, m, v, chosen, step):
+    """One step spelled out from StepConfig's formulas: fp32 math on the fp32 values of the bf16
+    moments, each new moment rounded to bf16 once when stored; unselected elements untouched."""
+    m32 = None if m is None else m.float()
+    v32 = None if v is None else v.float()
+    if kind == "sgd":
+        buf = g if step == 1 else 0.9 * m32 + (1 - 0.1) * g
+        return torch.where(chosen, p - 0.1 * buf, p), torch.where(chosen, buf.to(torch.bfloat16), m), None
+    beta1, beta2, lr = (0.9, 0.999, 1e-2) if kind == "adamw" else (0.0, 0.99, 1e-2)
+    decayed = p
+    if kind == "adamw":
+        decayed = p * (1 - lr * 0.1)
+    else:
+        g = g + 0.05 * p
+    new_m = g if m is None else m32 + (1 - beta1) * (g - m32)
+    new_v = beta2 * v32 + (1 - beta2) * g * g
+    denom = new_v.sqrt() / math.sqrt(1 - beta2**step) + 1e-8
+    new_p = decayed - lr / (1 - beta1**step) * new_m / denom  # the unrounded moments move p
+    stored_m = None if m is None else torch.where(chosen, new_m.to(torch.bfloat16), m)
+    return torch.where(chosen, new_p, p), stored_m, torch.where(chosen, new_v.to(torch.bfloat16), v)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam-beta1-0", "sgd-momentum"])
+def test_eager_bf16_moments_are_fp32_math_rounded_once_per_step(kind):
+    gen = torch.Generator().manual_seed(8)
+    n = 1000
+    p = torch.randn(n, generator=gen)
+    m = None if kind == "adam-beta1-0" else torch.randn(n, generator=gen).to(torch.bfloat16)
+    v = None if kind == "sgd-momentum" else torch.rand(n, generator=gen).to(torch.bfloat16)
+    chosen = torch.rand(n, generator=gen) < 0.6
+    want_p, want_m, want_v = p.clone(), m, v
+    group = TensorGroup([p], [], None if m is None else [m.clone()], None if v is None else [v.clone()])
+    for step in range(1, 4):
+        g = torch.randn(n, generator=gen)
+        if kind == "sgd-momentum":
+            config = StepConfig.sgd(lr=0.1, momentum=0.9, dampening=0.1, momentum_init=step == 1)
+        elif kind == "adamw":
+            config = StepConfig.adam("adamw", lr=1e-2, step=step, weight_decay=0.1)
+        else:
+            config = StepConfig.adam("adam", lr=1e-2, step=step, betas=(0.0, 0.99), weight_decay=0.05)
+        group.grads = [g]
+        eager.update(group, config, "grad", [0], masks_in=[eager.pack(chosen)])
+        want_p, want_m, want_v = _reference_bf16_moment_step(
+            kind.split("-")[0], want_p, g, want_m, want_v, chosen, step
+        )
+    assert torch.equal(p, want_p)
+    for got, want in ((group.exp_avg, want_m), (group.exp_avg_sq, want_v)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got[0].dtype == torch.bfloat16
+            assert torch.equal(got[0].view(torch.int16), want.view(torch.int16))

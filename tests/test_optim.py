@@ -412,3 +412,96 @@ def test_state_saved_on_cpu_loads_onto_cuda_parameters_and_continues():
     _train(moved, on_gpu, 1, seed=5)
     for p, q in zip(moved.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=1e-6)
+
+
+# ---- state_dtype: bf16 moments, fp32 math and EMA ---------------------------------------------
+
+_STATE_DTYPE_CASES = {
+    "adamw": (lambda ps, **kw: pk.SalientAdamW(ps, lr=1e-2, **kw), ("exp_avg", "exp_avg_sq")),
+    "adam-beta1-0": (lambda ps, **kw: pk.SalientAdam(ps, lr=1e-2, betas=(0.0, 0.99), **kw), ("exp_avg_sq",)),
+    "sgd-momentum": (lambda ps, **kw: pk.SalientSGD(ps, lr=0.05, momentum=0.9, **kw), ("momentum_buffer",)),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(_STATE_DTYPE_CASES))
+def test_bf16_state_dtype_keeps_bf16_moments_and_an_fp32_ema_and_trains_like_fp32_state(name, backend):
+    make, moments = _STATE_DTYPE_CASES[name]
+    model, reference = _model(), _model()
+    ours = make(model.parameters(), ratio=0.5, ema=0.99, state_dtype=torch.bfloat16, backend=backend)
+    fp32 = make(reference.parameters(), ratio=0.5, ema=0.99, backend=backend)
+    _train(model, ours, 5)
+    _train(reference, fp32, 5)
+    for p in model.parameters():
+        state = ours.state[p]
+        assert {k for k, v in state.items() if torch.is_tensor(v) and v.dtype == torch.bfloat16} == set(
+            moments
+        )
+        assert state["ema"].dtype == torch.float32 and state["step"].dtype == torch.float32
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)  # bf16 moments: close, not equal
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+
+
+def test_state_dtype_is_per_param_group_and_a_changed_one_converts_the_moments():
+    model = _model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    optimizer = pk.SalientAdamW([{"params": first, "state_dtype": torch.bfloat16}, {"params": second}])
+    _train(model, optimizer, 1)
+    assert all(optimizer.state[p]["exp_avg"].dtype == torch.bfloat16 for p in first)
+    assert all(optimizer.state[p]["exp_avg_sq"].dtype == torch.float32 for p in second)
+    optimizer.param_groups[0]["state_dtype"] = None
+    _train(model, optimizer, 1)
+    assert all(optimizer.state[p]["exp_avg"].dtype == torch.float32 for p in first)
+
+
+def test_state_dtype_float32_is_todays_fp32_state_bit_for_bit():
+    runs = []
+    for state_dtype in (None, torch.float32):
+        model = _model()
+        optimizer = pk.SalientAdamW(model.parameters(), lr=1e-2, ratio=0.3, ema=0.9, state_dtype=state_dtype)
+        _train(model, optimizer, 4)
+        runs.append((list(model.parameters()), optimizer.state_dict()["state"]))
+    (params_a, state_a), (params_b, state_b) = runs
+    assert all(torch.equal(p, q) for p, q in zip(params_a, params_b, strict=True))
+    for index, saved in state_a.items():
+        for key, value in saved.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[index][key])), key
+
+
+def test_bf16_state_round_trips_through_state_dict_in_bf16_and_continues_bit_identically():
+    options = dict(lr=1e-2, ratio=0.4, refresh_every=2, ema=0.9, state_dtype=torch.bfloat16)
+    model = _model()
+    optimizer = pk.SalientAdamW(model.parameters(), **options)
+    _train(model, optimizer, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    _train(model, optimizer, 4, seed=7)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored = _model(seed=5)
+    restored.load_state_dict(saved["model"])
+    again = pk.SalientAdamW(restored.parameters(), **options)
+    again.load_state_dict(saved["optim"])
+    for p in restored.parameters():
+        state = again.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert state["ema"].dtype == torch.float32
+    _train(restored, again, 4, seed=7)
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], again.state[q][key])
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float64, "bfloat16"])
+def test_state_dtype_other_than_fp32_or_bf16_is_rejected(state_dtype):
+    params = list(_model().parameters())
+    for make in (pk.SalientAdamW, pk.SalientAdam, pk.SalientSGD):
+        with pytest.raises(ValueError, match=r"state_dtype must be None, torch\.float32 or torch\.bfloat16"):
+            make(params, state_dtype=state_dtype)
+    optimizer = pk.SalientSGD(params[:2])
+    with pytest.raises(ValueError, match="state_dtype must be"):
+        optimizer.add_param_group({"params": params[2:], "state_dtype": state_dtype})

@@ -65,6 +65,7 @@ def _cases(tl, passes):
             yield "mask", dict(DTYPE=dtype, WEIGHTED=weighted)
         base = dict(
             DTYPE=dtype,
+            STATE_DTYPE=tl.float32,
             WEIGHTED=False,
             KIND=0,
             HAS_M=True,
@@ -87,6 +88,12 @@ def _cases(tl, passes):
             # Device step scalars: Adam with everything on, SGD with the run-time momentum_init.
             dict(WEIGHTED=True, CLIP=True, EMA=True, MASK_OUT=True, HAS_SCALARS=True),
             dict(KIND=2, L2=True, EMA=True, MASK_IN=True, MASK_OUT=True, HAS_SCALARS=True),
+            # bf16 moments: Adam with both moments, Adam without the first, SGD with momentum.
+            dict(
+                STATE_DTYPE=tl.bfloat16, WEIGHTED=True, CLIP=True, EMA=True, MASK_OUT=True, HAS_SCALARS=True
+            ),
+            dict(STATE_DTYPE=tl.bfloat16, KIND=1, HAS_M=False, L2=True, MASK_IN=True),
+            dict(STATE_DTYPE=tl.bfloat16, KIND=2, NESTEROV=True, L2=True, EMA=True, HAS_SCALARS=True),
         ):
             yield "update", {**base, **changes}
     for index, (_, _, bits) in enumerate(passes):

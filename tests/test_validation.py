@@ -169,3 +169,25 @@ def test_tensors_on_several_devices_are_rejected_for_meta_too():
 def test_topk_mask_rejects_grad_weight_without_weights():
     with pytest.raises(ValueError, match="needs weights"):
         pk.topk_mask([torch.randn(5)], 0.5, score="grad_weight")
+
+
+def test_moments_must_be_fp32_or_bf16_alike_and_the_ema_fp32():
+    bf16 = [torch.zeros(10, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
+    _call_and_check_nothing_changed(
+        TypeError,
+        r"exp_avg\[0\] has dtype torch.float16; expected torch.float32 or torch.bfloat16",
+        exp_avg=[torch.zeros(10, dtype=torch.float16), torch.zeros(4)],
+    )
+    _call_and_check_nothing_changed(
+        TypeError,
+        r"exp_avg\[0\] has dtype torch.bfloat16 but exp_avg_sq\[0\] has torch.float32",
+        exp_avg=bf16,
+    )
+    with_ema = pk.StepConfig.adam("adamw", lr=1e-2, step=1, ema_decay=0.9)
+    _call_and_check_nothing_changed(
+        TypeError, r"ema\[0\] has dtype torch.bfloat16; expected torch.float32", config=with_ema, ema=bf16
+    )
+    params, grads, _, _ = _state()
+    m, v = [t.clone() for t in bf16], [t.clone() for t in bf16]
+    pk.masked_update(params, grads, CONFIG, exp_avg=m, exp_avg_sq=v, ratio=0.5)  # bf16 moments are fine
+    assert all(t.dtype == torch.bfloat16 and bool(t.any()) for t in (*m, *v))

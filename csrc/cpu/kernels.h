@@ -36,12 +36,13 @@ struct BracketAcc {
 struct UpdateArgs {
   void* p;
   const void* g;
-  float* m;
-  float* v;
+  void* m;  // moments, of dtype state_dtype
+  void* v;
   float* e;
   const uint32_t* mask_in;  // nullptr: select by score
   uint32_t* mask_out;       // nullptr: no mask written
   int dtype;
+  int state_dtype;  // kFloat32 or kBFloat16
   int score;
   StepParams sp;
 };
@@ -90,6 +91,7 @@ struct UpdateTensors {
   std::vector<int64_t> p, g, m, v, e;  // m, v, e empty when absent
   std::vector<int64_t> numel;
   std::vector<int> dtype;
+  std::vector<int> state_dtype;  // of m and v, per tensor
   std::vector<int64_t> mask_in, mask_out;  // empty when absent
 };
 

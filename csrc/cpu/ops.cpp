@@ -540,12 +540,13 @@ void update(const UpdateTensors& t, const StepParams& sp, int score, const std::
     const size_t i = static_cast<size_t>(p.tensor);
     const UpdateArgs a{as_ptr<void>(t.p[i]),
                        as_ptr<const void>(t.g[i]),
-                       opt(t.m, i, static_cast<float*>(nullptr)),
-                       opt(t.v, i, static_cast<float*>(nullptr)),
+                       opt(t.m, i, static_cast<void*>(nullptr)),
+                       opt(t.v, i, static_cast<void*>(nullptr)),
                        opt(t.e, i, static_cast<float*>(nullptr)),
                        opt(t.mask_in, i, static_cast<const uint32_t*>(nullptr)),
                        opt(t.mask_out, i, static_cast<uint32_t*>(nullptr)),
                        t.dtype[i],
+                       t.state_dtype[i],
                        score,
                        sp};
     K.update(a, p.begin, p.end, p.cut, p.t_in, p.t_st);

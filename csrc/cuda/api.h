@@ -24,8 +24,8 @@ struct TensorDesc {
   int64_t g;         // gradient (score input; the update's gradient)
   int64_t w;         // score weight ("grad_weight"), else 0
   int64_t p;         // parameter (update only)
-  int64_t m;         // exp_avg / momentum buffer, fp32 (update only)
-  int64_t v;         // exp_avg_sq, fp32 (update only)
+  int64_t m;         // exp_avg / momentum buffer, of state_dtype (update only)
+  int64_t v;         // exp_avg_sq, of state_dtype (update only)
   int64_t e;         // EMA copy, fp32 (update only)
   int64_t mask_in;   // packed int32 mask to apply instead of a selection
   int64_t mask_out;  // packed int32 mask to write
@@ -33,7 +33,8 @@ struct TensorDesc {
   int64_t segment;
   int64_t dtype;    // of g (and of p in the update)
   int64_t w_dtype;  // of w, or -1
-  int64_t reserved[4];
+  int64_t state_dtype;  // of m and v: kFloat32 or kBFloat16
+  int64_t reserved[3];
 };
 static_assert(sizeof(TensorDesc) == 16 * 8, "TensorDesc must match the int64 table built in cuda.py");
 

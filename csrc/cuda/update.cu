@@ -21,7 +21,8 @@ struct UpdateArgs {
   int weighted;  // score |g * p| instead of |g|
 };
 
-template <class T>
+// T: parameter and gradient type; TS: moment storage type (float or __nv_bfloat16, fp32 math either way).
+template <class T, class TS>
 __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDesc& chunk, const UpdateArgs& a,
                                              RankScratch& scratch) {
   const int n = chunk_size(d, chunk);
@@ -29,8 +30,8 @@ __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDes
   const int warp_first = static_cast<int>(threadIdx.x & ~31u);
   T* p = reinterpret_cast<T*>(d.p) + chunk.start;
   const T* g = reinterpret_cast<const T*>(d.g) + chunk.start;
-  float* m = d.m ? reinterpret_cast<float*>(d.m) + chunk.start : nullptr;
-  float* v = d.v ? reinterpret_cast<float*>(d.v) + chunk.start : nullptr;
+  TS* m = d.m ? reinterpret_cast<TS*>(d.m) + chunk.start : nullptr;
+  TS* v = d.v ? reinterpret_cast<TS*>(d.v) + chunk.start : nullptr;
   float* e = d.e ? reinterpret_cast<float*>(d.e) + chunk.start : nullptr;
   const StepParams& sp = a.params;
   const bool adam = sp.kind != kSGD;
@@ -84,8 +85,8 @@ __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDes
       const int i = i0 + j;
       const int off = i * kBlock + threadIdx.x;
       const bool chosen = (bits >> i) & 1u;
-      mv[j] = chosen && m ? m[off] : 0.0f;
-      vv[j] = chosen && adam && v ? v[off] : 0.0f;
+      mv[j] = chosen && m ? to_float<TS>(m[off]) : 0.0f;
+      vv[j] = chosen && adam && v ? to_float<TS>(v[off]) : 0.0f;
       ev[j] = e && ((valid >> i) & 1u) ? e[off] : 0.0f;
     }
 #pragma unroll
@@ -98,8 +99,8 @@ __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDes
         const T stored = from_float<T>(param);
         p[off] = stored;
         param = to_float<T>(stored);
-        if (m) m[off] = mv[j];
-        if (adam && v) v[off] = vv[j];
+        if (m) m[off] = from_float<TS>(mv[j]);
+        if (adam && v) v[off] = from_float<TS>(vv[j]);
       }
       if (e && ((valid >> i) & 1u)) e[off] = ema_element(sp, ev[j], param);
     }
@@ -121,6 +122,16 @@ __device__ __forceinline__ bool load_step_scalars(StepParams& sp) {
   return true;
 }
 
+template <class T>
+__device__ __forceinline__ void update_tensor(const TensorDesc& d, const ChunkDesc& chunk, const UpdateArgs& a,
+                                              RankScratch& scratch) {
+  if (d.state_dtype == kBFloat16) {
+    update_chunk<T, __nv_bfloat16>(d, chunk, a, scratch);
+  } else {
+    update_chunk<T, float>(d, chunk, a, scratch);
+  }
+}
+
 __global__ void __launch_bounds__(kBlock) update_kernel(Scope scope, UpdateArgs args) {
   __shared__ RankScratch scratch;
   UpdateArgs a = args;
@@ -129,9 +140,9 @@ __global__ void __launch_bounds__(kBlock) update_kernel(Scope scope, UpdateArgs 
   const ChunkDesc chunk = scope.chunks[blockIdx.x];
   const TensorDesc& d = scope.tensors[chunk.tensor];
   switch (d.dtype) {  // one tensor per block: uniform
-    case kFloat16: update_chunk<__half>(d, chunk, a, scratch); break;
-    case kBFloat16: update_chunk<__nv_bfloat16>(d, chunk, a, scratch); break;
-    default: update_chunk<float>(d, chunk, a, scratch); break;
+    case kFloat16: update_tensor<__half>(d, chunk, a, scratch); break;
+    case kBFloat16: update_tensor<__nv_bfloat16>(d, chunk, a, scratch); break;
+    default: update_tensor<float>(d, chunk, a, scratch); break;
   }
 }
 

@@ -31,7 +31,10 @@ Every backend module exposes:
     supplies the step-dependent scalars from the device; its ``found_inf`` skips the whole update.
 
 Inputs reach a backend already validated (see ``pecker_kernels.validation``): contiguous, one device,
-params and grads of one dtype per tensor among fp32/fp16/bf16, state tensors fp32.
+params and grads of one dtype per tensor among fp32/fp16/bf16. Moments (``exp_avg``, ``exp_avg_sq``) are
+fp32 or bf16 (``STATE_DTYPES``), both moments of one tensor in the same dtype; the EMA copy is fp32. A
+bf16 moment is loaded to fp32, goes through the same fp32 element math, and is rounded once on store
+(round to nearest even, as ``Tensor.to(torch.bfloat16)``); an unselected one keeps its bits.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ ScoreKind = Literal["grad", "grad_weight"]
 SCORES: tuple[str, ...] = ("grad", "grad_weight")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+# Storage of the moments. The EMA stays fp32: with a decay near 1 a bf16 copy would stop moving.
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 MASK_WORD_BITS = 32
 
 # Integer codes shared with the compiled kernels (csrc/include/pecker/codes.h).
@@ -78,9 +83,14 @@ class TensorGroup:
 
     params: list[Tensor]
     grads: list[Tensor]
-    exp_avg: list[Tensor] | None = None  # Adam first moment, or SGD momentum buffer (fp32)
-    exp_avg_sq: list[Tensor] | None = None  # Adam second moment (fp32)
+    exp_avg: list[Tensor] | None = None  # Adam first moment, or SGD momentum buffer (fp32 or bf16)
+    exp_avg_sq: list[Tensor] | None = None  # Adam second moment (the dtype of the tensor's exp_avg)
     ema: list[Tensor] | None = None  # EMA copy of the parameters (fp32)
+
+    def state_dtypes(self) -> list[torch.dtype]:
+        """Per tensor, the dtype its moments are stored in (fp32 where it keeps none)."""
+        moments = [m for m in (self.exp_avg, self.exp_avg_sq) if m is not None]
+        return [moments[0][i].dtype if moments else torch.float32 for i in range(len(self.params))]
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,9 @@ class StepConfig:
       ``buf = momentum * buf + (1 - dampening) * g``; ``g = g + momentum * buf`` (nesterov) or
       ``g = buf``; then ``p -= lr * g``.
     * EMA (every element, selected or not): ``e = e + (1 - ema_decay) * (p_stored - e)``.
+
+    ``m``, ``v`` and ``buf`` are the fp32 values loaded from the stored moments; bf16 moments are
+    rounded only when stored, so ``p`` sees the unrounded fp32 moments of this step.
 
     Device-side step scalars (for a ``GradScaler`` and CUDA-graph capture): ``scalars``, when given, is
     a contiguous float32 tensor of exactly 5 elements on the parameters' device,

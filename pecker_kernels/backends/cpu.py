@@ -191,6 +191,7 @@ def update(
     if config.scalars is not None and not _apply_scalars(sp, config.scalars):
         return  # found_inf: nothing is written, masks_out included
     numel, dtypes = _sizes(group.params)
+    state_dtypes = [DTYPE_CODES[d] for d in group.state_dtypes()]
     chosen = None if selection is None else _selection_tensors(selection)
     threshold, take, ties = (0, 0, 0) if chosen is None else (t.data_ptr() for t in chosen)
     num_segments = 0 if chosen is None else chosen[0].numel()
@@ -202,6 +203,7 @@ def update(
         _ptrs(ema),
         numel,
         dtypes,
+        state_dtypes,
         sp,
         SCORE_CODES[score],
         list(segments),

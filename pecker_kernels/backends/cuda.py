@@ -28,6 +28,7 @@ from .base import (
     OPTIMIZER_CODES,
     SCALARS,
     SCORE_CODES,
+    STATE_DTYPES,
     Selection,
     StepConfig,
     TensorGroup,
@@ -176,8 +177,13 @@ def _table(
             raise ValueError(f"weights[{i}]: expected {g.numel()} elements, got {w.numel()}")
         if p is not None and (p.numel() != g.numel() or p.dtype != g.dtype):
             raise ValueError(f"params[{i}]: expected {g.dtype} with {g.numel()} elements like grads[{i}]")
-        for t, what in ((m, "exp_avg"), (v, "exp_avg_sq"), (e, "ema")):
-            _check_state(t, g, f"{what}[{i}]")
+        # Moments in fp32 or bf16 (one dtype for both), the EMA in fp32.
+        state_dtype = torch.float32 if m is None and v is None else (m if m is not None else v).dtype
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"exp_avg[{i}]: expected float32 or bfloat16, got {state_dtype}")
+        for t, what in ((m, "exp_avg"), (v, "exp_avg_sq")):
+            _check_state(t, g, f"{what}[{i}]", state_dtype)
+        _check_state(e, g, f"ema[{i}]")
         _check_mask(mi, g, f"masks_in[{i}]")
         _check_mask(mo, g, f"masks_out[{i}]")
         rows.append(
@@ -194,7 +200,7 @@ def _table(
                 int(segments[i]),
                 _dtype_code(g, f"grads[{i}]"),
                 -1 if w is None else _dtype_code(w, f"weights[{i}]"),
-                0,
+                DTYPE_CODES[state_dtype],
                 0,
                 0,
                 0,

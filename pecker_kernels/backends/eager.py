@@ -113,10 +113,18 @@ def write_masks(grads, weights, score, segments, selection, masks_out) -> None:
         out.copy_(pack(mask))
 
 
+def _store(state: Tensor, chosen: Tensor, value: Tensor) -> None:
+    """``state[chosen] = value`` rounded to the state's dtype; unselected elements keep their bits."""
+    state.copy_(torch.where(chosen, value.to(state.dtype), state.reshape(-1)).view_as(state))
+
+
 def _update_one(p: Tensor, g: Tensor, m, v, e, chosen: Tensor, c: StepConfig) -> None:
     shape = p.shape
     param = p.reshape(-1).float()
     grad = g.reshape(-1).float()
+    # Moments in fp32 (bf16 ones too: a bf16 operand would make torch round every intermediate).
+    m32 = None if m is None else m.reshape(-1).float()
+    v32 = None if v is None else v.reshape(-1).float()
     step_size, bias_correction2_sqrt, momentum_init = c.step_size, c.bias_correction2_sqrt, c.momentum_init
     skip = None
     if c.scalars is not None:  # device scalars: 0-d tensors, never read on the host
@@ -133,21 +141,21 @@ def _update_one(p: Tensor, g: Tensor, m, v, e, chosen: Tensor, c: StepConfig) ->
     elif c.weight_decay != 0:
         grad = grad + c.weight_decay * param
     if c.kind in ("adamw", "adam"):
-        exp_avg = grad if m is None else m.reshape(-1) + (1 - c.beta1) * (grad - m.reshape(-1))
-        exp_avg_sq = c.beta2 * v.reshape(-1) + (1 - c.beta2) * grad * grad
+        exp_avg = grad if m is None else m32 + (1 - c.beta1) * (grad - m32)
+        exp_avg_sq = c.beta2 * v32 + (1 - c.beta2) * grad * grad
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + c.eps
         new_p = new_p - step_size * exp_avg / denom
-        v.copy_(torch.where(chosen, exp_avg_sq, v.reshape(-1)).view_as(v))
+        _store(v, chosen, exp_avg_sq)
         if m is not None:
-            m.copy_(torch.where(chosen, exp_avg, m.reshape(-1)).view_as(m))
+            _store(m, chosen, exp_avg)
     else:
         if m is not None:
-            buf = c.momentum * m.reshape(-1) + (1 - c.dampening) * grad
+            buf = c.momentum * m32 + (1 - c.dampening) * grad
             if isinstance(momentum_init, Tensor):
                 buf = torch.where(momentum_init, grad, buf)
             elif momentum_init:
                 buf = grad
-            m.copy_(torch.where(chosen, buf, m.reshape(-1)).view_as(m))
+            _store(m, chosen, buf)
             grad = grad + c.momentum * buf if c.nesterov else buf
         new_p = new_p - c.lr * grad
     p.copy_(torch.where(chosen, new_p, param).view(shape))

@@ -50,6 +50,7 @@ class _Launch:
     """The work of one dtype group: chunks as (row, start, count, segment, item), and base addresses."""
 
     dtype: torch.dtype
+    state_dtype: torch.dtype  # of the moments (update); fp32 elsewhere
     items: Tensor  # int64 [chunks, 5]
     addrs: Tensor  # int64 [tensors, columns]
 
@@ -84,21 +85,29 @@ def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _plan(tensors: Sequence[Tensor], columns: Sequence[Sequence[Tensor | None] | None], segments) -> _Plan:
+def _plan(
+    tensors: Sequence[Tensor],
+    columns: Sequence[Sequence[Tensor | None] | None],
+    segments,
+    state_dtypes: Sequence[torch.dtype] | None = None,
+) -> _Plan:
     """The work lists of ``tensors`` (which fix sizes and dtypes); ``columns`` give the addresses.
+    One launch per (tensor dtype, ``state_dtypes`` entry): the update's moment dtype, fp32 if None.
 
     Cached on every address, size and dtype, so a training loop builds it once: the device tensors it
     holds make later calls free of host-to-device copies.
     """
+    state_dtypes = tuple(state_dtypes or [torch.float32] * len(tensors))
     key = (
         tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors),
         tuple(None if c is None else tuple(0 if t is None else t.data_ptr() for t in c) for c in columns),
         tuple(segments),
+        state_dtypes,
     )
-    return _cached(_plans, key, lambda: _build_plan(tensors, columns, segments))
+    return _cached(_plans, key, lambda: _build_plan(tensors, columns, segments, state_dtypes))
 
 
-def _build_plan(tensors, columns, segments) -> _Plan:
+def _build_plan(tensors, columns, segments, state_dtypes) -> _Plan:
     # Items are numbered in segment-major flat order, so a segment's chunks are consecutive.
     order = sorted(range(len(tensors)), key=lambda i: (segments[i], i))
     item_of: dict[tuple[int, int], int] = {}
@@ -112,8 +121,9 @@ def _build_plan(tensors, columns, segments) -> _Plan:
             segment_first.append(first_of_segment[segments[i]])
     device = tensors[0].device
     launches = []
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        members = [i for i, t in enumerate(tensors) if t.dtype == dtype and t.numel() > 0]
+    kinds = [(t.dtype, s) for t, s in zip(tensors, state_dtypes, strict=True)]
+    for dtype, state_dtype in dict.fromkeys(kinds):
+        members = [i for i, k in enumerate(kinds) if k == (dtype, state_dtype) and tensors[i].numel() > 0]
         if not members:
             continue
         rows = [
@@ -125,6 +135,7 @@ def _build_plan(tensors, columns, segments) -> _Plan:
         launches.append(
             _Launch(
                 dtype,
+                state_dtype,
                 torch.tensor(rows, dtype=torch.int64, device=device),
                 torch.tensor(addrs, dtype=torch.int64, device=device),
             )
@@ -244,7 +255,7 @@ def update(
 ) -> None:
     c = config
     columns = [group.params, group.grads, group.exp_avg, group.exp_avg_sq, group.ema, masks_in, masks_out]
-    plan = _plan(group.params, columns, segments)
+    plan = _plan(group.params, columns, segments, group.state_dtypes())
     weighted = score == "grad_weight"
     device = group.params[0].device
     if selection is not None:
@@ -280,6 +291,7 @@ def update(
             threshold if c.scalars is None else c.scalars,  # unused without HAS_SCALARS: any fp32 tensor
             **host_scalars,
             DTYPE=_tl_dtype(launch.dtype),
+            STATE_DTYPE=_tl_dtype(launch.state_dtype),
             WEIGHTED=weighted,
             KIND={"adamw": 0, "adam": 1, "sgd": 2}[c.kind],
             HAS_M=group.exp_avg is not None,

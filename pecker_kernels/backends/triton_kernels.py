@@ -231,6 +231,7 @@ def _update_kernel(
     clip_value,
     ema_c,  # 1 - ema_decay
     DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,  # of exp_avg and exp_avg_sq: fp32 or bf16 (the math is fp32 either way)
     WEIGHTED: tl.constexpr,
     KIND: tl.constexpr,  # 0 adamw, 1 adam, 2 sgd
     HAS_M: tl.constexpr,
@@ -260,8 +261,8 @@ def _update_kernel(
     addrs = addrs_ptr + row * 7  # this tensor's base addresses
     p_ptr = tl.load(addrs).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(addrs + 1).to(tl.pointer_type(DTYPE)) + start
-    m_ptr = tl.load(addrs + 2).to(tl.pointer_type(tl.float32)) + start
-    v_ptr = tl.load(addrs + 3).to(tl.pointer_type(tl.float32)) + start
+    m_ptr = tl.load(addrs + 2).to(tl.pointer_type(STATE_DTYPE)) + start
+    v_ptr = tl.load(addrs + 3).to(tl.pointer_type(STATE_DTYPE)) + start
     e_ptr = tl.load(addrs + 4).to(tl.pointer_type(tl.float32)) + start
     in_ptr = tl.load(addrs + 5).to(tl.pointer_type(tl.int32)) + start // 32
     out_ptr = tl.load(addrs + 6).to(tl.pointer_type(tl.int32)) + start // 32
@@ -298,14 +299,14 @@ def _update_kernel(
             g = g + weight_decay * p
         if KIND < 2:
             if HAS_M:
-                m = tl.load(m_ptr + offs, mask=chosen, other=0.0)
+                m = tl.load(m_ptr + offs, mask=chosen, other=0.0).to(tl.float32)
                 m = m + beta1_c * (g - m)
-                tl.store(m_ptr + offs, m, mask=chosen)
+                tl.store(m_ptr + offs, _round_to(m, STATE_DTYPE), mask=chosen)
             else:  # beta1 == 0: the first moment is the gradient, and no state is kept
                 m = g
-            v = tl.load(v_ptr + offs, mask=chosen, other=0.0)
+            v = tl.load(v_ptr + offs, mask=chosen, other=0.0).to(tl.float32)
             v = beta2 * v + beta2_c * g * g
-            tl.store(v_ptr + offs, v, mask=chosen)
+            tl.store(v_ptr + offs, _round_to(v, STATE_DTYPE), mask=chosen)
             denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_correction2_sqrt) + eps
             new_p = new_p - tl.math.div_rn(step_size * m, denom)
         else:
@@ -313,10 +314,11 @@ def _update_kernel(
                 if MOMENTUM_INIT:
                     buf = g
                 else:
-                    buf = momentum * tl.load(m_ptr + offs, mask=chosen, other=0.0) + dampening_c * g
+                    m = tl.load(m_ptr + offs, mask=chosen, other=0.0).to(tl.float32)
+                    buf = momentum * m + dampening_c * g
                     if HAS_SCALARS:
                         buf = tl.where(momentum_init, g, buf)
-                tl.store(m_ptr + offs, buf, mask=chosen)
+                tl.store(m_ptr + offs, _round_to(buf, STATE_DTYPE), mask=chosen)
                 if NESTEROV:
                     g = g + momentum * buf
                 else:
