@@ -61,6 +61,10 @@ def contenders_for(
             lambda b=backend: c.salient_adamw(config, problem, b, stored_mask=False),
             lambda b=backend: c.salient_adamw(config, problem, b, stored_mask=False, beta1=0.0),
         ]
+        if config.dtype != "fp32":  # moments in the parameters' dtype, as torch's fused AdamW
+            rows.append(
+                lambda b=backend: c.salient_adamw(config, problem, b, stored_mask=True, low_state=True)
+            )
     if unfused:
         rows += [lambda p=pipeline: c.eager_masked(config, problem, p) for pipeline in ("kthvalue", "topk")]
     if not fused_only and config.numel <= limits["salun"]:
@@ -183,6 +187,7 @@ SUMMARY: list[tuple[str, Callable[[str], bool]]] = [
     ("ours, stored mask", _ours("stored mask")),
     ("ours, reselect", _ours("reselect")),
     ("ours, reselect, beta1=0", _ours("reselect, beta1=0")),
+    ("ours, stored mask, bf16 moments", _ours("stored mask, bf16 moments")),
     ("kthvalue", lambda name: name.startswith("eager kthvalue")),
     ("topk", lambda name: name.startswith("eager topk")),
     ("SalUn", lambda name: name.startswith("eager SalUn")),

@@ -107,9 +107,16 @@ def torch_adamw(config: Config, problem: Problem, impl: str) -> Contender:
 
 
 def salient_adamw(
-    config: Config, problem: Problem, backend: str, *, stored_mask: bool, beta1: float = 0.9
+    config: Config,
+    problem: Problem,
+    backend: str,
+    *,
+    stored_mask: bool,
+    beta1: float = 0.9,
+    low_state: bool = False,
 ) -> Contender:
-    """Our drop-in optimizer. A stored mask is selected at the first (warm-up) step and reused."""
+    """Our drop-in optimizer. A stored mask is selected at the first (warm-up) step and reused.
+    ``low_state``: moments stored in the parameters' dtype (``state_dtype``) instead of fp32."""
     opt = pk.SalientAdamW(
         _leaves(problem),
         lr=LR,
@@ -117,13 +124,15 @@ def salient_adamw(
         weight_decay=WEIGHT_DECAY,
         ratio=config.ratio,
         refresh_every=0 if stored_mask else 1,
+        state_dtype=DTYPES[config.dtype] if low_state else None,
         backend=backend,
     )
     size = config.element_bytes
-    # fp32 moments (none for beta1 = 0); a stored mask adds 1 bit, reselection about three passes over g.
-    base = adam_bytes(size, 4, moments=2 if beta1 > 0 else 1)
+    # Moments (none for beta1 = 0); a stored mask adds 1 bit, reselection about three passes over g.
+    base = adam_bytes(size, size if low_state else 4, moments=2 if beta1 > 0 else 1)
     extra = 1 / 8 if stored_mask else 3 * size
     mode = ("stored mask" if stored_mask else "reselect") + (", beta1=0" if beta1 == 0 else "")
+    mode += f", {config.dtype} moments" if low_state else ""
     return Contender(f"SalientAdamW {backend} ({mode})", opt.step, base + extra)
 
 
