@@ -49,12 +49,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu = load("cpu")
+    group = dist.group.WORLD
     rows = []
     for size in map(int, args.sizes):
         shard = torch.randn(size // world, generator=torch.Generator().manual_seed(rank))
         sharded = median_seconds(
-            lambda s=shard: distributed.select([s], None, "grad", [0], 1, args.ratio, dist.group.WORLD),
-            args.reps,
+            lambda s=shard: distributed.select([s], None, "grad", [0], 1, args.ratio, group, cpu), args.reps
         )
         k = max(1, int(args.ratio * shard.numel()))
         local = median_seconds(lambda s=shard, k=k: cpu.select([s], None, "grad", [0], [k]), args.reps)
