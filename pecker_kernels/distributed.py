@@ -1,16 +1,18 @@
 """One exact top-k selection over parameters sharded across the ranks of a torch.distributed group.
 
-Each rank holds a shard of one global set of tensors. The selection is the radix select of the
-single-process backends, written with torch ops over this rank's scores, with each digit's histogram
-all-reduced over the group before the bucket is chosen. Every rank therefore picks the same threshold
-and the same number of ties as one process holding every shard would.
+Each rank holds a shard of one global set of tensors. The selection is an exact radix select over the
+bits of the scores, with each digit's histogram all-reduced over the group before the bucket is
+chosen. Every rank therefore picks the same threshold and the same number of ties as one process
+holding every shard would. The histograms come from the backend's fused ``radix_histogram`` where it
+has one (``cpu``), else from torch ops (any device, no host sync).
 
 Global order (which elements equal to the threshold win): rank order, then each rank's local order
 (its tensors in list order, each row-major). For a per-tensor selection of parameters sharded on
 dim 0 (FSDP2's ``Shard(0)``) that is exactly the row-major order of the full tensor.
 
-Communication per selection: four all-reduces of int64 counts, namely one per digit (11, 10 and
-10 bits: 16, 8 and 8 KiB per segment) and one of ``world_size`` tie counts per segment. All stay
+Communication per selection: four all-reduces of int64 counts, namely one per digit (11, 11 and
+10 bits: 16, 16 and 8 KiB per segment; the first also carries the segment's size) and one of
+``world_size`` tie counts per segment, ``8 * (5121 + world_size)`` bytes per segment in all. All stay
 on the device; nothing is read back on the host.
 
 DTensor parameters (FSDP2 ``fully_shard``) are recognised: their local shards are used and their
