@@ -37,6 +37,14 @@ def _weight_ptrs(weights: Sequence[Tensor] | None, score: str) -> list[int]:
     return _ptrs(weights) if score == "grad_weight" else []
 
 
+def _scored(
+    grads: Sequence[Tensor], weights: Sequence[Tensor] | None, score: str, segments: Sequence[int]
+) -> tuple:
+    """The leading arguments of every op that scores: pointers, sizes, dtypes, score code, segments."""
+    numel, dtypes = _sizes(grads)
+    return _ptrs(grads), _weight_ptrs(weights, score), numel, dtypes, SCORE_CODES[score], list(segments)
+
+
 def _selection_tensors(selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
     # Selections from select() are already in this layout (no copy); the caller keeps the results
     # alive while the kernel reads them.
@@ -58,14 +66,8 @@ def select(
     threshold = torch.empty(num_segments, dtype=torch.float32)
     take = torch.empty(num_segments, dtype=torch.int64)
     ties = torch.empty(num_segments, dtype=torch.int64)
-    numel, dtypes = _sizes(grads)
     cpu_module.select(
-        _ptrs(grads),
-        _weight_ptrs(weights, score),
-        numel,
-        dtypes,
-        SCORE_CODES[score],
-        list(segments),
+        *_scored(grads, weights, score, segments),
         [int(k) for k in ks],
         threshold.data_ptr(),
         take.data_ptr(),
@@ -88,14 +90,8 @@ def radix_histogram(
     ``[num_segments, 2048]`` of the finite scores whose higher digits equal ``prefix[segment]``."""
     hist = torch.empty(num_segments, 2048, dtype=torch.int64)
     prefix_bits = prefix.to(torch.int32).contiguous()  # read as uint32 by the kernel
-    numel, dtypes = _sizes(grads)
     cpu_module.radix_histogram(
-        _ptrs(grads),
-        _weight_ptrs(weights, score),
-        numel,
-        dtypes,
-        SCORE_CODES[score],
-        list(segments),
+        *_scored(grads, weights, score, segments),
         num_segments,
         digit,
         prefix_bits.data_ptr(),
@@ -113,15 +109,9 @@ def write_masks(
     selection: Selection,
     masks_out: Sequence[Tensor],
 ) -> None:
-    numel, dtypes = _sizes(grads)
     threshold, take, ties = _selection_tensors(selection)
     cpu_module.write_masks(
-        _ptrs(grads),
-        _weight_ptrs(weights, score),
-        numel,
-        dtypes,
-        SCORE_CODES[score],
-        list(segments),
+        *_scored(grads, weights, score, segments),
         threshold.data_ptr(),
         take.data_ptr(),
         ties.data_ptr(),
