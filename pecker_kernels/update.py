@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends.base import OPTIMIZERS, SCALARS, STATE_DTYPES, StepConfig, TensorGroup
+from .backends.base import OPTIMIZERS, STATE_DTYPES, StepConfig, TensorGroup
 from .profiling import nvtx_range
 from .select import budgets, segments_of
 from .validation import (
@@ -17,6 +17,7 @@ from .validation import (
     check_masks,
     check_ratio,
     check_score_and_scope,
+    check_step_scalars,
     check_tensors,
 )
 
@@ -46,23 +47,6 @@ def check_config(config: StepConfig, device: torch.device | None = None) -> None
     if config.ema_decay is not None and not 0.0 <= config.ema_decay <= 1.0:
         raise ValueError(f"ema decay must be in [0, 1], got {config.ema_decay}")
     check_step_scalars(config.scalars, device)
-
-
-def check_step_scalars(scalars: Tensor | None, device: torch.device | None = None) -> None:
-    """``StepConfig.scalars``: None, or a contiguous float32 tensor of 5 elements (on ``device``)."""
-    if scalars is None:
-        return
-    layout = f"[{', '.join(SCALARS)}]"
-    if not isinstance(scalars, Tensor):
-        raise TypeError(f"config.scalars must be a float32 tensor {layout}, got {type(scalars).__name__}")
-    if scalars.dtype != torch.float32:
-        raise TypeError(f"config.scalars has dtype {scalars.dtype}; expected torch.float32")
-    if scalars.numel() != len(SCALARS):
-        raise ValueError(f"config.scalars has {scalars.numel()} elements; expected {len(SCALARS)}: {layout}")
-    if not scalars.is_contiguous():
-        raise ValueError("config.scalars is not contiguous; call .contiguous() first")
-    if device is not None and scalars.device != device:
-        raise ValueError(f"config.scalars is on {scalars.device} but the params are on {device}")
 
 
 def needs_exp_avg(config: StepConfig) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backends.base import PARAM_DTYPES, SCORES, mask_words
+from .backends.base import PARAM_DTYPES, SCALARS, SCORES, mask_words
 
 SCOPES: tuple[str, ...] = ("global", "per_tensor")
 
@@ -98,3 +98,20 @@ def check_masks(name: str, masks: Sequence[Tensor] | None, reference: Sequence[T
 def check_score_and_scope(score: str, scope: str) -> None:
     check_choice("score", score, SCORES)
     check_choice("scope", scope, SCOPES)
+
+
+def check_step_scalars(scalars: Tensor | None, device: torch.device | None = None) -> None:
+    """``StepConfig.scalars``: None, or a contiguous float32 tensor of 5 elements (on ``device``)."""
+    if scalars is None:
+        return
+    layout = f"[{', '.join(SCALARS)}]"
+    if not isinstance(scalars, Tensor):
+        raise TypeError(f"config.scalars must be a float32 tensor {layout}, got {type(scalars).__name__}")
+    if scalars.dtype != torch.float32:
+        raise TypeError(f"config.scalars has dtype {scalars.dtype}; expected torch.float32")
+    if scalars.numel() != len(SCALARS):
+        raise ValueError(f"config.scalars has {scalars.numel()} elements; expected {len(SCALARS)}: {layout}")
+    if not scalars.is_contiguous():
+        raise ValueError("config.scalars is not contiguous; call .contiguous() first")
+    if device is not None and scalars.device != device:
+        raise ValueError(f"config.scalars is on {scalars.device} but the params are on {device}")

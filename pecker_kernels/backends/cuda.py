@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..validation import check_step_scalars
 from . import native
 from .base import (
     DTYPE_CODES,
     OPTIMIZER_CODES,
-    SCALARS,
     SCORE_CODES,
     STATE_DTYPES,
     Selection,
@@ -358,13 +358,8 @@ def update(
     if n == 0:
         return
     device = params[0].device
-    scalars = config.scalars
-    if scalars is not None and (scalars.dtype != torch.float32 or scalars.numel() != len(SCALARS)):
-        raise ValueError(
-            f"config.scalars: expected float32 with {len(SCALARS)} elements, "
-            f"got {scalars.dtype} with {scalars.numel()}"
-        )
-    scalars_addr = _addr(scalars, device, "config.scalars")  # read by the kernel, never by the host
+    check_step_scalars(config.scalars, device)
+    scalars_addr = _addr(config.scalars, device, "config.scalars")  # read by the kernel, never by the host
     if selection is not None:
         n_segments = selection.threshold.numel()
         selection = _selection_on(selection, device, n_segments)
