@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backends import eager
-from .backends.base import Selection
+from .backends.base import RADIX_DIGITS, Selection
 
 # (shift, width) of each radix digit, most significant first: 11 + 11 + 10 bits of the fp32 score,
-# whose bit pattern orders like the value for non-negative scores. The CPU backend's layout.
-_DIGITS = ((21, 11), (10, 11), (0, 10))
+# whose bit pattern orders like the value for non-negative scores (the compiled kernels' digits).
+_DIGITS = RADIX_DIGITS
 
 
 def is_dtensor(t: Any) -> bool:

@@ -23,24 +23,27 @@ from .validation import (
 
 
 def check_config(config: StepConfig, device: torch.device | None = None) -> None:
-    """Hyper-parameters torch.optim would accept, with the same messages where it has them; with a
-    ``device``, also that ``config.scalars`` lives there."""
+    """Hyper-parameters torch.optim would accept, with its messages where it has them (NaN is refused:
+    every check is written so that NaN fails it); with a ``device``, also that ``config.scalars`` lives
+    there."""
     check_choice("optimizer kind", config.kind, OPTIMIZERS)
-    if config.lr < 0:
+    if not config.lr >= 0:
         raise ValueError(f"Invalid learning rate: {config.lr}")
-    if config.weight_decay < 0:
+    if not config.weight_decay >= 0:
         raise ValueError(f"Invalid weight_decay value: {config.weight_decay}")
     if config.kind == "sgd":
-        if config.momentum < 0:
+        if not config.momentum >= 0:
             raise ValueError(f"Invalid momentum value: {config.momentum}")
+        if not 0.0 <= config.dampening <= 1.0:
+            raise ValueError(f"Invalid dampening value: {config.dampening} (expected 0 <= dampening <= 1)")
         if config.nesterov and (config.momentum <= 0 or config.dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     else:
         if not 0.0 <= config.beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {config.beta1}")
+            raise ValueError(f"Invalid betas[0] (beta1): {config.beta1}; expected 0 <= beta1 < 1")
         if not 0.0 <= config.beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {config.beta2}")
-        if config.eps < 0:
+            raise ValueError(f"Invalid betas[1] (beta2): {config.beta2}; expected 0 <= beta2 < 1")
+        if not config.eps >= 0:
             raise ValueError(f"Invalid epsilon value: {config.eps}")
     if config.clip_value is not None and not config.clip_value > 0:
         raise ValueError(f"clip_value must be positive, got {config.clip_value}")

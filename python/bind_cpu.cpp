@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../csrc/cpu/kernels.h"
+#include "bind_common.h"
 
 namespace py = pybind11;
 using pecker::StepParams;
@@ -59,33 +60,8 @@ void radix_histogram_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const s
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pecker_kernels CPU kernels (OpenMP, raw pointers)";
 
-  py::class_<StepParams>(m, "StepParams", "Hyper-parameters of one update (csrc/include/pecker/codes.h)")
-      .def(py::init([]() { return StepParams{}; }))
-      .def_readwrite("kind", &StepParams::kind)
-      .def_readwrite("lr", &StepParams::lr)
-      .def_readwrite("weight_decay", &StepParams::weight_decay)
-      .def_readwrite("beta1", &StepParams::beta1)
-      .def_readwrite("beta2", &StepParams::beta2)
-      .def_readwrite("eps", &StepParams::eps)
-      .def_readwrite("step_size", &StepParams::step_size)
-      .def_readwrite("bias_correction2_sqrt", &StepParams::bias_correction2_sqrt)
-      .def_readwrite("momentum", &StepParams::momentum)
-      .def_readwrite("dampening", &StepParams::dampening)
-      .def_readwrite("nesterov", &StepParams::nesterov)
-      .def_readwrite("momentum_init", &StepParams::momentum_init)
-      .def_readwrite("has_clip", &StepParams::has_clip)
-      .def_readwrite("clip_value", &StepParams::clip_value)
-      .def_readwrite("has_ema", &StepParams::has_ema)
-      .def_readwrite("ema_decay", &StepParams::ema_decay)
-      .def_readwrite("has_exp_avg", &StepParams::has_exp_avg)
-      .def_readwrite("has_coefficients", &StepParams::has_coefficients)
-      .def_readwrite("decay_factor", &StepParams::decay_factor)
-      .def_readwrite("one_minus_beta1", &StepParams::one_minus_beta1)
-      .def_readwrite("one_minus_beta2", &StepParams::one_minus_beta2)
-      .def_readwrite("one_minus_dampening", &StepParams::one_minus_dampening)
-      .def_readwrite("one_minus_ema_decay", &StepParams::one_minus_ema_decay)
-      .def_readwrite("has_grad_scale", &StepParams::has_grad_scale)
-      .def_readwrite("inv_grad_scale", &StepParams::inv_grad_scale);
+  pecker::bind::step_params(m);
+  pecker::bind::layouts(m);
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("select", &select_op, nogil,

@@ -1,11 +1,13 @@
 // pybind11 bindings of the CUDA kernels (pecker_kernels._C_cuda). Raw device addresses (Python ints),
-// sizes and the caller's stream in; nothing returned; errors raise RuntimeError. Tensor validation and
-// the metadata tables live in pecker_kernels/backends/cuda.py. Importing needs no GPU.
+// sizes and the caller's stream in; nothing returned; errors raise RuntimeError. Tensor validation lives in
+// pecker_kernels/validation.py, the metadata tables in backends/cuda.py, the StepParams every backend gets
+// in backends/base.py (kernel_params). Importing needs no GPU.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 
 #include "../csrc/cuda/api.h"
+#include "bind_common.h"
 
 namespace py = pybind11;
 namespace pc = pecker::cuda;
@@ -45,29 +47,8 @@ void py_write_masks(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintp
 }
 
 void py_update(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t seg_ranges, int64_t n_segments,
-            uintptr_t threshold, uintptr_t take, uintptr_t ties, uintptr_t chunk_ties, uintptr_t chunk_base,
-            bool use_masks_in, bool weighted, int kind, float lr, float weight_decay, float beta1, float beta2,
-            float eps, float step_size, float bias_correction2_sqrt, float momentum, float dampening,
-            bool nesterov, bool momentum_init, bool has_clip, float clip_value, bool has_ema, float ema_decay,
-            bool has_exp_avg, uintptr_t scalars, uintptr_t stream) {
-  pecker::StepParams params{};
-  params.kind = kind;
-  params.lr = lr;
-  params.weight_decay = weight_decay;
-  params.beta1 = beta1;
-  params.beta2 = beta2;
-  params.eps = eps;
-  params.step_size = step_size;
-  params.bias_correction2_sqrt = bias_correction2_sqrt;
-  params.momentum = momentum;
-  params.dampening = dampening;
-  params.nesterov = nesterov;
-  params.momentum_init = momentum_init;
-  params.has_clip = has_clip;
-  params.clip_value = clip_value;
-  params.has_ema = has_ema;
-  params.ema_decay = ema_decay;
-  params.has_exp_avg = has_exp_avg;
+               uintptr_t threshold, uintptr_t take, uintptr_t ties, uintptr_t chunk_ties, uintptr_t chunk_base,
+               bool use_masks_in, bool weighted, pecker::StepParams params, uintptr_t scalars, uintptr_t stream) {
   params.scalars = scalars;  // the kernel sets has_grad_scale / inv_grad_scale from it
   pc::update(make_scope(tensors, chunks, n_chunks, seg_ranges, n_segments),
              make_selection(threshold, take, ties, chunk_ties, chunk_base), use_masks_in, weighted, params, stream);
@@ -78,7 +59,8 @@ void py_update(uintptr_t tensors, uintptr_t chunks, int64_t n_chunks, uintptr_t 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pecker_kernels CUDA kernels (raw pointers, caller's stream)";
   m.attr("CHUNK") = pc::kChunk;
-  m.attr("RADIX_BINS") = pc::kRadixBins;
+  pecker::bind::step_params(m);
+  pecker::bind::layouts(m);
   m.attr("TENSOR_DESC_FIELDS") = static_cast<int>(sizeof(pc::TensorDesc) / sizeof(int64_t));
 
   // Launches release the GIL: they only enqueue work on `stream`.
@@ -93,9 +75,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("update", &py_update, nogil, "Fused masked optimizer step", py::arg("tensors"), py::arg("chunks"),
         py::arg("n_chunks"), py::arg("seg_ranges"), py::arg("n_segments"), py::arg("threshold"), py::arg("take"),
         py::arg("ties"), py::arg("chunk_ties"), py::arg("chunk_base"), py::arg("use_masks_in"), py::arg("weighted"),
-        py::arg("kind"), py::arg("lr"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("step_size"), py::arg("bias_correction2_sqrt"), py::arg("momentum"), py::arg("dampening"),
-        py::arg("nesterov"), py::arg("momentum_init"), py::arg("has_clip"), py::arg("clip_value"),
-        py::arg("has_ema"), py::arg("ema_decay"), py::arg("has_exp_avg"), py::arg("scalars"),
-        py::arg("stream"));
+        py::arg("params"), py::arg("scalars"), py::arg("stream"));
 }

@@ -40,7 +40,7 @@ constexpr int64_t kSmallSegment = int64_t{1} << 15;
 constexpr int64_t kParallelMin = int64_t{1} << 14;
 
 constexpr float kInf = __builtin_inff();
-constexpr int kDigitBins = 2048;  // radix digits of 11 bits
+constexpr int kDigitBins = kRadixBins;
 
 template <class T>
 T* as_ptr(int64_t address) {
@@ -136,9 +136,10 @@ std::vector<Segment> segments_of(const std::vector<int64_t>& segments, const std
   return out;
 }
 
-// Radix digits of the score bits, most significant first: 11 + 11 + 10 bits.
-constexpr int kShift[3] = {21, 10, 0};
-constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x3FF};
+// Radix digits of the score bits, most significant first (codes.h: 11 + 11 + 10 bits).
+constexpr const int* kShift = kRadixShift;
+constexpr uint32_t kMask[kRadixPasses] = {(1u << kRadixWidth[0]) - 1, (1u << kRadixWidth[1]) - 1,
+                                          (1u << kRadixWidth[2]) - 1};
 
 // MSD radix select on the score bits, one parallel histogram pass per digit.
 Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t k, int threads) {

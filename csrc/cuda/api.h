@@ -16,7 +16,6 @@ namespace cuda {
 constexpr int kBlock = 256;
 constexpr int kItems = 16;
 constexpr int kChunk = kBlock * kItems;
-constexpr int kRadixBins = 2048;  // 11-bit digits (the last pass uses 10 of them)
 
 // One row per tensor of the scope (int64 [n_tensors, 16] on the host side). Addresses are 0 when
 // absent. dtype codes: pecker::DtypeCode; w_dtype is -1 when the score does not use a weight.

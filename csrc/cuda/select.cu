@@ -25,7 +25,10 @@ struct PassParams {
   unsigned high;  // bits above the digit (must equal the segment's prefix); 0 in the first pass
 };
 
-// Digits: bits 31..21, 20..10, 9..0 (bit 31, the sign, is always 0 for a score).
+// Digits: bits 31..21, 20..10, 9..0 (bit 31, the sign, is always 0 for a score), as codes.h defines them.
+static_assert(kRadixPasses == 3 && kRadixShift[0] == 21 && kRadixShift[1] == 10 && kRadixShift[2] == 0 &&
+                  kRadixWidth[0] == 11 && kRadixWidth[1] == 11 && kRadixWidth[2] == 10,
+              "pass_params below spells out the digits of codes.h");
 __device__ __forceinline__ PassParams pass_params(int pass) {
   if (pass == 0) return PassParams{21, 0x7ffu, 0u};
   if (pass == 1) return PassParams{10, 0x7ffu, 0xffe00000u};

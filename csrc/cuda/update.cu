@@ -111,8 +111,9 @@ __device__ __forceinline__ void update_chunk(const TensorDesc& d, const ChunkDes
 __device__ __forceinline__ bool load_step_scalars(StepParams& sp) {
   const float* s = reinterpret_cast<const float*>(static_cast<uintptr_t>(sp.scalars));
   // All five loads issued before the branch: one memory round trip per block.
-  const float step_size = __ldg(s), bias_correction2_sqrt = __ldg(s + 1), inv_grad_scale = __ldg(s + 2);
-  const float found_inf = __ldg(s + 3), momentum_init = __ldg(s + 4);
+  const float step_size = __ldg(s + kScalarStepSize), bias_correction2_sqrt = __ldg(s + kScalarBiasCorrection2Sqrt);
+  const float inv_grad_scale = __ldg(s + kScalarInvGradScale), found_inf = __ldg(s + kScalarFoundInf);
+  const float momentum_init = __ldg(s + kScalarMomentumInit);
   if (found_inf != 0.0f) return false;
   sp.step_size = step_size;
   sp.bias_correction2_sqrt = bias_correction2_sqrt;

@@ -54,7 +54,8 @@ PARAM_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfl
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 MASK_WORD_BITS = 32
 
-# Integer codes shared with the compiled kernels (csrc/include/pecker/codes.h).
+# Layouts shared with the compiled kernels, defined there in csrc/include/pecker/codes.h and exposed by
+# both modules (CODES, STEP_SCALARS, RADIX_DIGITS); tests/test_layouts.py checks these copies against them.
 SCORE_CODES = {"grad": 0, "grad_weight": 1}
 OPTIMIZER_CODES = {"adamw": 0, "adam": 1, "sgd": 2}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -65,6 +66,37 @@ SCALARS: tuple[str, ...] = (
     "inv_grad_scale",
     "found_inf",
     "momentum_init",
+)
+# Radix digits of the fp32 score bits, most significant first: (lowest bit, width), 11 + 11 + 10 bits.
+RADIX_DIGITS: tuple[tuple[int, int], ...] = ((21, 11), (10, 11), (0, 10))
+# The fields of the compiled StepParams struct, in its order (see kernel_params).
+STEP_PARAM_FIELDS: tuple[str, ...] = (
+    "kind",
+    "lr",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eps",
+    "step_size",
+    "bias_correction2_sqrt",
+    "momentum",
+    "dampening",
+    "nesterov",
+    "momentum_init",
+    "has_clip",
+    "clip_value",
+    "has_ema",
+    "ema_decay",
+    "has_exp_avg",
+    "has_coefficients",
+    "decay_factor",
+    "one_minus_beta1",
+    "one_minus_beta2",
+    "one_minus_dampening",
+    "one_minus_ema_decay",
+    "has_grad_scale",
+    "inv_grad_scale",
+    "maximize",
 )
 
 
@@ -99,6 +131,7 @@ class StepConfig:
 
     Element math (fp32), for a selected element with gradient ``g`` and parameter ``p``:
 
+    * ``g = -g`` when ``maximize`` is set (as torch's ``maximize=True``: ascend the objective).
     * ``g = clamp(g, -clip_value, clip_value)`` when ``clip_value`` is set.
     * ``adamw``: ``p *= 1 - lr * weight_decay``; ``adam``/``sgd``: ``g += weight_decay * p``.
     * Adam: ``m = m + (1 - beta1) * (g - m)`` (``m = g`` and no state when ``beta1 == 0``),
@@ -139,6 +172,7 @@ class StepConfig:
     momentum_init: bool = False
     clip_value: float | None = None
     ema_decay: float | None = None
+    maximize: bool = False
     scalars: Tensor | None = None  # float32 [5] on the device, see SCALARS; None: the host fields
 
     def with_device_scalars(
@@ -166,6 +200,7 @@ class StepConfig:
         weight_decay: float = 0.0,
         clip_value: float | None = None,
         ema_decay: float | None = None,
+        maximize: bool = False,
     ) -> StepConfig:
         beta1, beta2 = betas
         return StepConfig(
@@ -179,6 +214,7 @@ class StepConfig:
             bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
             clip_value=clip_value,
             ema_decay=ema_decay,
+            maximize=maximize,
         )
 
     @staticmethod
@@ -192,6 +228,7 @@ class StepConfig:
         momentum_init: bool = False,
         clip_value: float | None = None,
         ema_decay: float | None = None,
+        maximize: bool = False,
     ) -> StepConfig:
         return StepConfig(
             kind="sgd",
@@ -203,7 +240,48 @@ class StepConfig:
             momentum_init=momentum_init,
             clip_value=clip_value,
             ema_decay=ema_decay,
+            maximize=maximize,
         )
+
+
+def kernel_params(config: StepConfig, *, has_exp_avg: bool, has_ema: bool) -> dict[str, int | float]:
+    """What every compiled backend receives for ``config``: the fields of StepParams (``STEP_PARAM_FIELDS``).
+
+    The cpu and cuda backends copy it into the compiled struct, the triton backend passes it as kernel
+    arguments. The ``1 - x`` coefficients are computed here in double and rounded once to fp32 by the
+    kernels' float fields, as torch rounds the eager oracle's Python scalars (in float, ``1 - 0.999f`` is
+    0.00099998713, 1.3e-5 off). ``has_grad_scale`` / ``inv_grad_scale`` are the host defaults (no
+    scaling); ``config.scalars`` overrides them on the device.
+    """
+    ema_decay = 0.0 if config.ema_decay is None else config.ema_decay
+    return {
+        "kind": OPTIMIZER_CODES[config.kind],
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "beta1": config.beta1,
+        "beta2": config.beta2,
+        "eps": config.eps,
+        "step_size": config.step_size,
+        "bias_correction2_sqrt": config.bias_correction2_sqrt,
+        "momentum": config.momentum,
+        "dampening": config.dampening,
+        "nesterov": int(config.nesterov),
+        "momentum_init": int(config.momentum_init),
+        "has_clip": int(config.clip_value is not None),
+        "clip_value": 0.0 if config.clip_value is None else config.clip_value,
+        "has_ema": int(has_ema),
+        "ema_decay": ema_decay,
+        "has_exp_avg": int(has_exp_avg),
+        "has_coefficients": 1,
+        "decay_factor": 1.0 - config.lr * config.weight_decay,
+        "one_minus_beta1": 1.0 - config.beta1,
+        "one_minus_beta2": 1.0 - config.beta2,
+        "one_minus_dampening": 1.0 - config.dampening,
+        "one_minus_ema_decay": 1.0 - ema_decay if config.ema_decay is not None else 0.0,
+        "has_grad_scale": 0,
+        "inv_grad_scale": 1.0,
+        "maximize": int(config.maximize),
+    }
 
 
 def mask_words(numel: int) -> int:

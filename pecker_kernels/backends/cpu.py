@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import DTYPE_CODES, OPTIMIZER_CODES, SCORE_CODES, Selection, StepConfig, TensorGroup
+from .base import DTYPE_CODES, SCALARS, SCORE_CODES, Selection, StepConfig, TensorGroup, kernel_params
 from .native import cpu_module
 
 name = "cpu"
@@ -123,44 +123,22 @@ def write_masks(
 
 def _step_params(config: StepConfig, has_exp_avg: bool, has_ema: bool):
     sp = cpu_module.StepParams()
-    sp.kind = OPTIMIZER_CODES[config.kind]
-    sp.lr = config.lr
-    sp.weight_decay = config.weight_decay
-    sp.beta1 = config.beta1
-    sp.beta2 = config.beta2
-    sp.eps = config.eps
-    sp.step_size = config.step_size
-    sp.bias_correction2_sqrt = config.bias_correction2_sqrt
-    sp.momentum = config.momentum
-    sp.dampening = config.dampening
-    sp.nesterov = int(config.nesterov)
-    sp.momentum_init = int(config.momentum_init)
-    sp.has_clip = int(config.clip_value is not None)
-    sp.clip_value = 0.0 if config.clip_value is None else config.clip_value
-    sp.has_ema = int(has_ema)
-    sp.ema_decay = 0.0 if config.ema_decay is None else config.ema_decay
-    sp.has_exp_avg = int(has_exp_avg)
-    # The "1 - x" coefficients in double, rounded once (as torch rounds the eager oracle's scalars).
-    sp.has_coefficients = 1
-    sp.decay_factor = 1.0 - config.lr * config.weight_decay
-    sp.one_minus_beta1 = 1.0 - config.beta1
-    sp.one_minus_beta2 = 1.0 - config.beta2
-    sp.one_minus_dampening = 1.0 - config.dampening
-    sp.one_minus_ema_decay = 0.0 if config.ema_decay is None else 1.0 - config.ema_decay
+    for field, value in kernel_params(config, has_exp_avg=has_exp_avg, has_ema=has_ema).items():
+        setattr(sp, field, value)
     return sp
 
 
 def _apply_scalars(sp, scalars: Tensor) -> bool:
     """Overrides ``sp`` with ``StepConfig.scalars`` (read here: on the CPU that costs no sync);
     False when found_inf says the step is skipped."""
-    step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, momentum_init = scalars.tolist()
-    if found_inf != 0:
+    values = dict(zip(SCALARS, scalars.tolist(), strict=True))
+    if values["found_inf"] != 0:
         return False
-    sp.step_size = step_size
-    sp.bias_correction2_sqrt = bias_correction2_sqrt
-    sp.momentum_init = int(momentum_init != 0)
+    sp.step_size = values["step_size"]
+    sp.bias_correction2_sqrt = values["bias_correction2_sqrt"]
+    sp.momentum_init = int(values["momentum_init"] != 0)
     sp.has_grad_scale = 1
-    sp.inv_grad_scale = inv_grad_scale
+    sp.inv_grad_scale = values["inv_grad_scale"]
     return True
 
 

@@ -22,18 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..validation import check_step_scalars
 from . import native
-from .base import (
-    DTYPE_CODES,
-    OPTIMIZER_CODES,
-    SCORE_CODES,
-    STATE_DTYPES,
-    Selection,
-    StepConfig,
-    TensorGroup,
-    mask_words,
-)
+from .base import DTYPE_CODES, Selection, StepConfig, TensorGroup, kernel_params
 
 name = "cuda"
 
@@ -119,35 +109,8 @@ def _layout(device: torch.device, tensors: Sequence[Tensor], segments: Sequence[
     return _layouts.get_or_build(key, lambda: _build_layout(device, numels, segments, n_segments))
 
 
-def _addr(t: Tensor | None, device: torch.device, what: str) -> int:
-    if t is None:
-        return 0
-    if t.device != device:
-        raise ValueError(f"{what}: expected a tensor on {device}, got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{what}: expected a contiguous tensor")
-    return t.data_ptr()
-
-
-def _dtype_code(t: Tensor, what: str) -> int:
-    code = DTYPE_CODES.get(t.dtype)
-    if code is None:
-        raise ValueError(f"{what}: expected float32, float16 or bfloat16, got {t.dtype}")
-    return code
-
-
-def _check_state(t: Tensor | None, ref: Tensor, what: str, dtype: torch.dtype = torch.float32) -> None:
-    if t is not None and (t.dtype != dtype or t.numel() != ref.numel()):
-        raise ValueError(
-            f"{what}: expected {dtype} with {ref.numel()} elements, got {t.dtype} with {t.numel()}"
-        )
-
-
-def _check_mask(t: Tensor | None, ref: Tensor, what: str) -> None:
-    if t is not None and (t.dtype != torch.int32 or t.numel() != mask_words(ref.numel())):
-        raise ValueError(
-            f"{what}: expected int32 with {mask_words(ref.numel())} words, got {t.dtype} {t.numel()}"
-        )
+def _addr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _table(
@@ -173,33 +136,15 @@ def _table(
         w, p, m, v, e, mi, mo = (
             at(x) for x in (weights, params, exp_avg, exp_avg_sq, ema, masks_in, masks_out)
         )
-        if w is not None and w.numel() != g.numel():
-            raise ValueError(f"weights[{i}]: expected {g.numel()} elements, got {w.numel()}")
-        if p is not None and (p.numel() != g.numel() or p.dtype != g.dtype):
-            raise ValueError(f"params[{i}]: expected {g.dtype} with {g.numel()} elements like grads[{i}]")
         # Moments in fp32 or bf16 (one dtype for both), the EMA in fp32.
         state_dtype = torch.float32 if m is None and v is None else (m if m is not None else v).dtype
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"exp_avg[{i}]: expected float32 or bfloat16, got {state_dtype}")
-        for t, what in ((m, "exp_avg"), (v, "exp_avg_sq")):
-            _check_state(t, g, f"{what}[{i}]", state_dtype)
-        _check_state(e, g, f"ema[{i}]")
-        _check_mask(mi, g, f"masks_in[{i}]")
-        _check_mask(mo, g, f"masks_out[{i}]")
         rows.append(
             (
-                _addr(g, device, f"grads[{i}]"),
-                _addr(w, device, f"weights[{i}]"),
-                _addr(p, device, f"params[{i}]"),
-                _addr(m, device, f"exp_avg[{i}]"),
-                _addr(v, device, f"exp_avg_sq[{i}]"),
-                _addr(e, device, f"ema[{i}]"),
-                _addr(mi, device, f"masks_in[{i}]"),
-                _addr(mo, device, f"masks_out[{i}]"),
+                *(_addr(t) for t in (g, w, p, m, v, e, mi, mo)),
                 g.numel(),
                 int(segments[i]),
-                _dtype_code(g, f"grads[{i}]"),
-                -1 if w is None else _dtype_code(w, f"weights[{i}]"),
+                DTYPE_CODES[g.dtype],
+                -1 if w is None else DTYPE_CODES[w.dtype],
                 DTYPE_CODES[state_dtype],
                 0,
                 0,
@@ -224,12 +169,6 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _score_weighted(score: str) -> bool:
-    if score not in SCORE_CODES:
-        raise ValueError(f"score: expected one of {', '.join(SCORE_CODES)}, got {score!r}")
-    return score == "grad_weight"
-
-
 def _selection_on(selection: Selection, device: torch.device, n_segments: int) -> Selection:
     if selection.threshold.numel() != n_segments:
         raise ValueError(f"selection: expected {n_segments} segments, got {selection.threshold.numel()}")
@@ -248,9 +187,7 @@ def select(
     ks: Sequence[int],
 ) -> Selection:
     device = grads[0].device
-    weighted = _score_weighted(score)
-    if weighted and weights is None:
-        raise ValueError("weights: required for score='grad_weight'")
+    weighted = score == "grad_weight"
     n_segments = len(ks)
     layout = _layout(device, grads, segments, n_segments)
     table = _table(device, grads=grads, segments=segments, weights=weights if weighted else None)
@@ -299,11 +236,7 @@ def _selection_args(selection: Selection | None, layout: _Layout, device: torch.
 
 def write_masks(grads, weights, score, segments, selection: Selection, masks_out) -> None:
     device = grads[0].device
-    weighted = _score_weighted(score)
-    if weighted and weights is None:
-        raise ValueError("weights: required for score='grad_weight'")
-    if len(masks_out) != len(grads):
-        raise ValueError(f"masks_out: expected {len(grads)} tensors, got {len(masks_out)}")
+    weighted = score == "grad_weight"
     n_segments = selection.threshold.numel()
     selection = _selection_on(selection, device, n_segments)
     layout = _layout(device, grads, segments, n_segments)
@@ -332,34 +265,13 @@ def update(
     masks_in: Sequence[Tensor] | None = None,
     masks_out: Sequence[Tensor] | None = None,
 ) -> None:
-    if (selection is None) == (masks_in is None):
-        raise ValueError("update: give exactly one of selection / masks_in")
     params, grads = list(group.params), list(group.grads)
-    n = len(params)
-    if len(grads) != n:
-        raise ValueError(f"grads: expected {n} tensors (one per param), got {len(grads)}")
-    for what, lst in (
-        ("exp_avg", group.exp_avg),
-        ("exp_avg_sq", group.exp_avg_sq),
-        ("ema", group.ema),
-        ("masks_in", masks_in),
-        ("masks_out", masks_out),
-    ):
-        if lst is not None and len(lst) != n:
-            raise ValueError(f"{what}: expected {n} tensors (one per param), got {len(lst)}")
-    if config.kind not in OPTIMIZER_CODES:
-        raise ValueError(f"config.kind: expected one of {', '.join(OPTIMIZER_CODES)}, got {config.kind!r}")
-    adam = config.kind != "sgd"
-    if adam and group.exp_avg_sq is None:
-        raise ValueError(f"exp_avg_sq: required for {config.kind}")
-    if group.ema is not None and config.ema_decay is None:
-        raise ValueError("config.ema_decay: required when the group has an EMA copy")
-    weighted = _score_weighted(score)
-    if n == 0:
+    if not params:
         return
+    adam = config.kind != "sgd"
+    weighted = score == "grad_weight"
     device = params[0].device
-    check_step_scalars(config.scalars, device)
-    scalars_addr = _addr(config.scalars, device, "config.scalars")  # read by the kernel, never by the host
+    scalars_addr = _addr(config.scalars)  # read by the kernel, never by the host
     if selection is not None:
         n_segments = selection.threshold.numel()
         selection = _selection_on(selection, device, n_segments)
@@ -379,9 +291,13 @@ def update(
         masks_out=masks_out,
     )
     sel, _scratch = _selection_args(selection, layout, device)
-    c = config
+    module = _module()
+    step_params = module.StepParams()
+    has_ema = group.ema is not None
+    for field, value in kernel_params(config, has_exp_avg=group.exp_avg is not None, has_ema=has_ema).items():
+        setattr(step_params, field, value)
     with torch.cuda.device(device):
-        _module().update(
+        module.update(
             tensors=table.data_ptr(),
             chunks=layout.chunks.data_ptr(),
             n_chunks=layout.n_chunks,
@@ -389,23 +305,7 @@ def update(
             n_segments=n_segments,
             use_masks_in=masks_in is not None,
             weighted=weighted,
-            kind=OPTIMIZER_CODES[c.kind],
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            beta1=c.beta1,
-            beta2=c.beta2,
-            eps=c.eps,
-            step_size=c.step_size,
-            bias_correction2_sqrt=c.bias_correction2_sqrt,
-            momentum=c.momentum,
-            dampening=c.dampening,
-            nesterov=c.nesterov,
-            momentum_init=c.momentum_init,
-            has_clip=c.clip_value is not None,
-            clip_value=0.0 if c.clip_value is None else c.clip_value,
-            has_ema=group.ema is not None,
-            ema_decay=0.0 if c.ema_decay is None else c.ema_decay,
-            has_exp_avg=group.exp_avg is not None,
+            params=step_params,
             scalars=scalars_addr,
             stream=_stream(device),
             **sel,

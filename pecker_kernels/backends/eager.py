@@ -133,6 +133,8 @@ def _update_one(p: Tensor, g: Tensor, m, v, e, chosen: Tensor, c: StepConfig) ->
         momentum_init = init != 0
         skip = found_inf != 0
         chosen = chosen & ~skip
+    if c.maximize:
+        grad = -grad
     if c.clip_value is not None:
         grad = grad.clamp(-c.clip_value, c.clip_value)
     new_p = param

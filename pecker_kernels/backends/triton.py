@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Selection, StepConfig, TensorGroup
+from .base import Selection, StepConfig, TensorGroup, kernel_params
 
 try:
     import triton
@@ -264,21 +264,21 @@ def update(
     else:  # unused by the kernel (MASK_IN), but every argument needs a tensor
         threshold = torch.zeros(1, dtype=torch.float32, device=device)
         tie_base = take = ties = torch.zeros(1, dtype=torch.int64, device=device)
-    # Coefficients like 1 - beta1 are computed in double on the host, as the eager oracle does.
+    k = kernel_params(c, has_exp_avg=group.exp_avg is not None, has_ema=group.ema is not None)
     host_scalars = dict(
-        lr=c.lr,
-        decay=1.0 - c.lr * c.weight_decay,
-        weight_decay=c.weight_decay,
-        beta1_c=1.0 - c.beta1,
-        beta2=c.beta2,
-        beta2_c=1.0 - c.beta2,
-        eps=c.eps,
-        step_size=c.step_size,
-        bias_correction2_sqrt=c.bias_correction2_sqrt,
-        momentum=c.momentum,
-        dampening_c=1.0 - c.dampening,
-        clip_value=0.0 if c.clip_value is None else c.clip_value,
-        ema_c=0.0 if c.ema_decay is None else 1.0 - c.ema_decay,
+        lr=k["lr"],
+        decay=k["decay_factor"],
+        weight_decay=k["weight_decay"],
+        beta1_c=k["one_minus_beta1"],
+        beta2=k["beta2"],
+        beta2_c=k["one_minus_beta2"],
+        eps=k["eps"],
+        step_size=k["step_size"],
+        bias_correction2_sqrt=k["bias_correction2_sqrt"],
+        momentum=k["momentum"],
+        dampening_c=k["one_minus_dampening"],
+        clip_value=k["clip_value"],
+        ema_c=k["one_minus_ema_decay"],
     )
     for launch in plan.launches:
         K._update_kernel[launch.grid](
@@ -293,13 +293,14 @@ def update(
             DTYPE=_tl_dtype(launch.dtype),
             STATE_DTYPE=_tl_dtype(launch.state_dtype),
             WEIGHTED=weighted,
-            KIND={"adamw": 0, "adam": 1, "sgd": 2}[c.kind],
-            HAS_M=group.exp_avg is not None,
+            KIND=k["kind"],
+            HAS_M=bool(k["has_exp_avg"]),
             L2=c.kind != "adamw" and c.weight_decay != 0,
-            CLIP=c.clip_value is not None,
-            NESTEROV=c.nesterov,
-            MOMENTUM_INIT=c.momentum_init and c.scalars is None,  # else from the scalars, at run time
-            EMA=group.ema is not None,
+            CLIP=bool(k["has_clip"]),
+            NESTEROV=bool(k["nesterov"]),
+            MOMENTUM_INIT=bool(k["momentum_init"]) and c.scalars is None,  # else from the scalars, run time
+            EMA=bool(k["has_ema"]),
+            MAXIMIZE=bool(k["maximize"]),
             MASK_IN=selection is None,
             MASK_OUT=masks_out is not None,
             HAS_SCALARS=c.scalars is not None,

@@ -14,12 +14,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NUM_BINS = tl.constexpr(2048)  # radix digits of 11 bits (the last digit uses 10)
+from .base import RADIX_DIGITS, SCALARS
+
+NUM_BINS = tl.constexpr(1 << max(width for _, width in RADIX_DIGITS))  # 2048 (the last digit uses 1024)
 INF_BITS = tl.constexpr(0x7F800000)
 ITEM_COLUMNS = tl.constexpr(5)  # row, start, count, segment, item
 
-# (bits above the digit that must match the prefix, digit shift, digit bits) of the three passes.
-PASSES = ((31, 21, 11), (21, 10, 11), (10, 0, 10))
+# (bits above the digit that must match the prefix, digit shift, digit bits) of the radix passes.
+PASSES = tuple(
+    (31 if d == 0 else RADIX_DIGITS[d - 1][0], shift, width) for d, (shift, width) in enumerate(RADIX_DIGITS)
+)
+
+# Offsets into StepConfig.scalars.
+SCALAR_STEP_SIZE = tl.constexpr(SCALARS.index("step_size"))
+SCALAR_BIAS_CORRECTION2_SQRT = tl.constexpr(SCALARS.index("bias_correction2_sqrt"))
+SCALAR_INV_GRAD_SCALE = tl.constexpr(SCALARS.index("inv_grad_scale"))
+SCALAR_FOUND_INF = tl.constexpr(SCALARS.index("found_inf"))
+SCALAR_MOMENTUM_INIT = tl.constexpr(SCALARS.index("momentum_init"))
 
 
 @triton.jit
@@ -240,6 +251,7 @@ def _update_kernel(
     NESTEROV: tl.constexpr,
     MOMENTUM_INIT: tl.constexpr,
     EMA: tl.constexpr,
+    MAXIMIZE: tl.constexpr,  # negate the unscaled gradient
     MASK_IN: tl.constexpr,  # read the selection from packed masks instead of the threshold
     MASK_OUT: tl.constexpr,
     HAS_SCALARS: tl.constexpr,  # step_size, bias_correction2_sqrt, momentum_init from scalars_ptr
@@ -252,12 +264,12 @@ def _update_kernel(
     """
     row, start, count, segment, item = _item(items_ptr, tl.program_id(0))
     if HAS_SCALARS:  # device step scalars, never read by the host
-        step_size = tl.load(scalars_ptr)
-        bias_correction2_sqrt = tl.load(scalars_ptr + 1)
-        inv_grad_scale = tl.load(scalars_ptr + 2)
+        step_size = tl.load(scalars_ptr + SCALAR_STEP_SIZE)
+        bias_correction2_sqrt = tl.load(scalars_ptr + SCALAR_BIAS_CORRECTION2_SQRT)
+        inv_grad_scale = tl.load(scalars_ptr + SCALAR_INV_GRAD_SCALE)
         # found_inf: the chunk counts as empty, so the loop below stores nothing (masks included).
-        count = tl.where(tl.load(scalars_ptr + 3) != 0, 0, count)
-        momentum_init = tl.load(scalars_ptr + 4) != 0
+        count = tl.where(tl.load(scalars_ptr + SCALAR_FOUND_INF) != 0, 0, count)
+        momentum_init = tl.load(scalars_ptr + SCALAR_MOMENTUM_INIT) != 0
     addrs = addrs_ptr + row * 7  # this tensor's base addresses
     p_ptr = tl.load(addrs).to(tl.pointer_type(DTYPE)) + start
     g_ptr = tl.load(addrs + 1).to(tl.pointer_type(DTYPE)) + start
@@ -290,6 +302,8 @@ def _update_kernel(
 
         if HAS_SCALARS:  # unscale after the selection, which scores the gradient as stored
             g = g * inv_grad_scale
+        if MAXIMIZE:
+            g = -g
         if CLIP:  # comparisons keep NaN, like torch.clamp
             g = tl.where(g > clip_value, clip_value, tl.where(g < -clip_value, -clip_value, g))
         new_p = p

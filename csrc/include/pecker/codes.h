@@ -22,8 +22,26 @@ enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kMaskWordBits = 32;
 
-// Hyper-parameters of one update, step-dependent scalars precomputed on the host (StepConfig).
-// Zero-initialise it (StepParams{}): the optional fields below then keep their "absent" meaning.
+// Radix digits of the fp32 score bits, most significant first: 11 + 11 + 10 bits (bit 31, the sign, is
+// always 0 for a score). Every backend's radix select and the sharded select use these digits.
+constexpr int kRadixPasses = 3;
+constexpr int kRadixShift[kRadixPasses] = {21, 10, 0};
+constexpr int kRadixWidth[kRadixPasses] = {11, 11, 10};
+constexpr int kRadixBins = 1 << 11;
+
+// Layout of the device step scalars (StepConfig.scalars, float32 [kNumStepScalars]).
+enum StepScalar : int {
+  kScalarStepSize = 0,
+  kScalarBiasCorrection2Sqrt = 1,
+  kScalarInvGradScale = 2,
+  kScalarFoundInf = 3,
+  kScalarMomentumInit = 4,
+  kNumStepScalars = 5,
+};
+
+// Hyper-parameters of one update, step-dependent scalars precomputed on the host (StepConfig). Built in
+// one place for every backend (pecker_kernels/backends/base.py: kernel_params); the field order is
+// STEP_PARAM_FIELDS there. Zero-initialise it (StepParams{}): optional fields then mean "absent".
 struct StepParams {
   int kind;
   float lr;
@@ -55,8 +73,9 @@ struct StepParams {
   // sets it from StepConfig.scalars on the host, the CUDA kernel from `scalars` on the device).
   int has_grad_scale;
   float inv_grad_scale;
-  // Device address of StepConfig.scalars (float32 [step_size, bias_correction2_sqrt, inv_grad_scale,
-  // found_inf, momentum_init]), 0 when absent. Read by the CUDA update kernel only.
+  int maximize;  // negate the (unscaled) gradient: ascend instead of descend, as torch's maximize=True
+  // Device address of StepConfig.scalars (float32, StepScalar layout), 0 when absent. Read by the CUDA
+  // update kernel only.
   uint64_t scalars;
 };
 

@@ -39,6 +39,7 @@ PECKER_HD float saliency(float g, float w, int score_kind) {
 // be if-converted, and one such branch keeps the whole CPU loop scalar (GPUs predicate either way).
 PECKER_HD void step_element(const StepParams& s, float g, float& p, float& m, float& v) {
   g = pick(s.has_grad_scale, g * s.inv_grad_scale, g);  // unscale first: clip and decay see true gradients
+  g = pick(s.maximize, -g, g);
   // Comparisons rather than fminf/fmaxf: a NaN gradient stays NaN, as torch.clamp keeps it.
   const float clipped = g < -s.clip_value ? -s.clip_value : (g > s.clip_value ? s.clip_value : g);
   g = pick(s.has_clip, clipped, g);
