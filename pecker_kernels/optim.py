@@ -1,14 +1,16 @@
 """Drop-in torch.optim optimizers that update only the most salient parameters.
 
-``SalientAdamW``, ``SalientAdam`` and ``SalientSGD`` take the positional arguments and defaults of the
-torch optimizer they replace, plus keyword-only saliency options (all settable per param group):
+``SalientAdamW``, ``SalientAdam`` and ``SalientSGD`` take the signature and defaults of the torch
+optimizer they replace (``amsgrad``, ``maximize``, ``foreach``, ``capturable``, ``differentiable``,
+``fused`` and Adam's ``decoupled_weight_decay`` included), plus keyword-only saliency options; every
+option is settable per param group, as in torch:
 
 * ``ratio`` in (0, 1]: fraction of the elements in scope updated each step, ``k = max(1, floor(ratio*N))``.
 * ``score``: ``"grad"`` (``|g|``) or ``"grad_weight"`` (``|g * w|``).
 * ``scope``: ``"global"`` (one selection over every parameter of every group whose scope is global; those
   groups must agree on ratio, score, refresh_every and backend) or ``"per_tensor"``.
 * ``refresh_every``: 1 reselects every step; K > 1 reselects at steps 1, K+1, 2K+1, ... and reuses the
-  stored bit-packed mask in between; 0 selects once (the first step, or ``compute_mask``/``set_masks``).
+  stored bit-packed mask in between; 0 selects once (at the first step that has gradients).
 * ``clip_value``: clip gradients by value inside the fused step. ``ema``: keep an EMA copy of the
   parameters (decay) in the same pass, see ``ema_parameters()``.
 * ``state_dtype``: storage of the moments (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``): None or
@@ -19,14 +21,41 @@ torch optimizer they replace, plus keyword-only saliency options (all settable p
   rank of the group (see ``pecker_kernels.distributed``). Sharded DTensor parameters (FSDP2) bring
   their mesh's group without it. Replicated parameters (DDP) need neither.
 
+The step is always one fused pass and needs no host synchronisation, so ``foreach``, ``fused`` and
+``capturable`` are accepted and change nothing. ``maximize`` works on every backend. ``amsgrad=True``
+and ``differentiable=True`` raise ``NotImplementedError``.
+
 Selection order is param-group order, then parameter order, each tensor row-major; ties at the
 threshold go to the lower flat index and non-finite scores are never selected. Unselected elements are
 frozen: parameter, moments and weight decay untouched. Parameters without a gradient are skipped.
+Non-contiguous parameters (``channels_last`` included) and gradients of any strides are stepped through
+row-major copies (the state is row-major); contiguous ones in place.
+
+Masks:
+
+* A mask given by ``set_masks`` or ``compute_mask`` stays in force (nothing is reselected) until a
+  group's ``refresh_every`` is changed; from then on that scope follows its schedule again.
+* A first selection that would fix an empty mask is not kept: while a scope has no mask, a step that
+  ``GradScaler`` skips (``found_inf``) or whose gradients are all non-finite stores none, and the next
+  step selects again. Checking this reads one flag back once, at the step that fixes the mask (not with
+  ``refresh_every=1``, which reselects anyway).
+* A parameter whose first gradient arrives after its scope's mask was fixed is selected on its own: the
+  top ``ratio`` of the newcomers' elements (together for a global scope, per tensor for a per-tensor
+  one); the others keep their masks. (A sharded scope reselects as a whole instead, so that every rank
+  runs the same collectives.)
+
 State lives under torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) plus ``mask``
 (packed int32 bits), ``ema`` and ``selection_step`` (the host count of ``step()`` calls that drives
 ``refresh_every``). ``step`` counts applied steps and lives on the parameter's device, as in torch's
 fused AdamW: on a GPU the bias corrections are computed there, so nothing in ``step()`` reads back to
-the host and the step can be captured in a CUDA graph.
+the host and the step can be captured in a CUDA graph. Adam keeps no first moment while ``beta1 == 0``;
+turning ``beta1`` (or SGD's ``momentum``) on later allocates it then: Adam's first moment starts at
+zero, SGD's buffer at the gradient (as torch starts it).
+
+Every check (hyper-parameters changed at run time, gradients, state) runs before the first write of a
+step, so a step that raises changes nothing. ``load_state_dict`` validates the saved groups and state
+against the parameters before replacing anything, and accepts state dicts saved by torch's own AdamW,
+Adam and SGD (missing saliency options take the constructor's values).
 
 AMP: with ``torch.amp.GradScaler`` the optimizer takes the scaler's ``grad_scale`` and ``found_inf``
 (``_step_supports_amp_scaling``): gradients are unscaled inside the fused pass and a step with
@@ -37,7 +66,7 @@ without a host sync.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -46,11 +75,26 @@ from torch.optim import Optimizer
 
 from . import dispatch, distributed
 from .backends import eager
-from .backends.base import PARAM_DTYPES, SCORES, STATE_DTYPES, StepConfig, TensorGroup, empty_masks
+from .backends.base import (
+    PARAM_DTYPES,
+    SCORES,
+    STATE_DTYPES,
+    StepConfig,
+    TensorGroup,
+    empty_masks,
+)
 from .profiling import nvtx_range
 from .select import budgets, segments_of
 from .update import check_config
-from .validation import SCOPES, check_choice, check_ratio
+from .validation import (
+    SCOPES,
+    as_float,
+    check_choice,
+    check_flag,
+    check_kernel_state,
+    check_packed_mask,
+    check_ratio,
+)
 
 _local = distributed.local
 
@@ -60,6 +104,22 @@ _SCOPE_KEYS = (
     "refresh_every",
     "backend",
 )  # what groups sharing a global scope must agree on
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+@dataclass
+class _ScopePlan:
+    """One scope's step, fully checked before anything is written (see ``_plan_scope``)."""
+
+    groups: list[dict[str, Any]]
+    comm: Any
+    impl: Any
+    device: torch.device | None
+    active: list[tuple[dict[str, Any], Tensor]]  # (group, parameter) with a gradient
+    params: list[Tensor]  # what the kernels update: the parameter's local shard, or a row-major copy
+    grads: list[Tensor]  # row-major gradients
+    write_back: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, copy) after the step
 
 
 class _SalientOptimizer(Optimizer):
@@ -71,35 +131,61 @@ class _SalientOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], process_group: Any = None) -> None:
         self._process_group = process_group
+        self._building = True  # Optimizer.__init__ adds the groups one by one: check ranks once, after
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
+        self._building = False
         self._check_ranks()
 
     # ---- torch.optim plumbing ------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "state"):  # also called from Optimizer.__init__, before our own checks
-            self._check_group(self.param_groups[-1])
-            self._check_ranks()
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+            if not getattr(self, "_building", False):
+                self._check_ranks()
+        except Exception:
+            self.param_groups.pop()  # a rejected group must not stay and break later steps
+            raise
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        """Every option of ``group`` (as torch checks them, and ours); raises, never writes."""
         check_ratio(group["ratio"])
         check_choice("score", group["score"], SCORES)
         check_choice("scope", group["scope"], SCOPES)
         refresh = group["refresh_every"]
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 0:
             raise ValueError(f"refresh_every must be an int >= 0, got {refresh!r}")
-        if group["backend"] != "auto" and group["params"]:
-            dispatch.resolve(group["backend"], group["params"][0].device)  # raises if it cannot run there
-        check_config(self._config(group, step=1))
+        for name in ("clip_value", "ema"):
+            if group[name] is not None:
+                as_float(name, group[name])
+        for name in ("amsgrad", "differentiable"):
+            if group.get(name, False) is not False:
+                check_flag(name, group[name])
+                raise NotImplementedError(
+                    f"{name}=True is not supported by {type(self).__name__} (param group {index})"
+                )
+        for name in ("maximize", "capturable", "decoupled_weight_decay", "nesterov"):
+            if name in group:
+                check_flag(name, group[name])
+        for name in ("foreach", "fused"):  # the step is always one fused pass
+            if name in group:
+                check_flag(name, group[name], optional=True)
+        self._check_numbers(group)
+        check_config(self._hyper(group))
         _state_dtype(group)
+        backend = group["backend"]
+        if backend != "auto" and group["params"]:
+            dispatch.resolve(backend, _local(group["params"][0]).device)  # raises if it cannot run there
         for p in group["params"]:
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, got {p.dtype}"
                 )
+
+    def _check_numbers(self, group: dict[str, Any]) -> None:
+        """The numeric hyper-parameters are numbers (before ``_config`` converts them)."""
+        raise NotImplementedError
 
     def _comm(self, groups: list[dict[str, Any]]) -> Any:
         """The process group a scope selects over, or None for a local selection."""
@@ -124,36 +210,105 @@ class _SalientOptimizer(Optimizer):
             )
             return  # one check covers every scope: they all follow the same signature
 
+    def __getstate__(self) -> dict[str, Any]:
+        group = self._process_group
+        if group is not None and not isinstance(group, str):
+            raise TypeError(
+                f"a {type(self).__name__} bound to a ProcessGroup object cannot be copied or pickled; "
+                "build it with process_group='world', or anew on the copy"
+            )
+        return {**super().__getstate__(), "_process_group": group}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_process_group", None)  # pickled before the attribute was kept
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("state_dtype", None)  # saved before the option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # options added since the group was saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, but state keeps its own dtype: moments in their group's ``state_dtype``, fp32 EMA
-        and step, int32 masks (torch would cast every state tensor to the parameter's dtype). As with
-        torch, the saved param groups (``state_dtype`` included) replace the current ones. Moves state
+        """As torch's (load hooks included), after checking everything first: a state dict that does
+        not fit the parameters (other shapes, dtypes, mask sizes) or whose groups hold invalid options
+        raises and changes nothing. Saved groups without our options (a state dict of torch's own AdamW,
+        Adam or SGD) take the constructor's values. State keeps its own dtype: moments in their group's
+        ``state_dtype``, fp32 EMA and step, int32 masks (torch would cast every state tensor to the
+        parameter's dtype). As with torch, the saved param groups replace the current ones. Moves state
         to each parameter's device."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
+        state_dict = {**state_dict, "param_groups": saved_groups}
+        self._check_saved(state_dict)
+
+        # torch's loading with the hooks held back: the pre-hooks ran above, the post-hooks run below
+        # once the state has its dtypes.
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = type(hooks[0])()
+        self._optimizer_load_state_dict_post_hooks = type(hooks[1])()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+        saved_state = state_dict["state"]
+        ids = [i for g in saved_groups for i in g["params"]]
         pairs = [(g, p) for g in self.param_groups for p in g["params"]]
         for param_id, (group, p) in zip(ids, pairs, strict=True):
-            state = self.state[p]
-            moments = self._state_keys(group)
-            for key, value in saved.get(param_id, {}).items():
-                if isinstance(value, Tensor):
-                    dtype = value.dtype
-                    if value.is_floating_point():
-                        dtype = _state_dtype(group) if key in moments else torch.float32
-                    state[key] = value.to(device=_local(p).device, dtype=dtype, copy=True)
-            if "step" in state and "selection_step" not in state:  # saved before the key existed
-                state["selection_step"] = int(state["step"])
+            if param_id in saved_state:
+                self._load_param_state(group, p, saved_state[param_id])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_saved(self, state_dict: dict[str, Any]) -> None:
+        """A state dict's groups and state, against this optimizer's parameters; raises, never writes."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded state dict's param group {index} has {len(saved['params'])} parameters; "
+                    f"the optimizer's has {len(group['params'])}"
+                )
+            self._check_group({**saved, "params": group["params"]}, index)
+            for position, (param_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                if param_id in state_dict["state"]:
+                    _check_saved_state(_where(saved, index, position), state_dict["state"][param_id], p)
+
+    def _load_param_state(self, group: dict[str, Any], p: Tensor, saved: Mapping[str, Any]) -> None:
+        """One parameter's checked saved state, as this optimizer keeps it (copies, own dtypes)."""
+        shard = _local(p)
+        state = self.state[p]
+        moments = self._state_keys(group)
+        for key, value in saved.items():
+            if value is None:  # torch's SGD saves momentum_buffer=None without momentum
+                state.pop(key, None)
+            elif key == "step":  # a copy: torch's saved step may be the live tensor of its optimizer
+                step = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(value)
+                state[key] = step.to(device=shard.device, dtype=torch.float32).reshape(())
+            elif key == "selection_step":
+                state[key] = int(value)
+            elif isinstance(value, Tensor):
+                dtype = value.dtype
+                if value.is_floating_point():
+                    dtype = _state_dtype(group) if key in moments else torch.float32
+                state[key] = value.to(device=shard.device, dtype=dtype, copy=True)
+        if "step" not in state and any(k in state for k in _MOMENT_KEYS):
+            # torch's SGD keeps no step: a saved momentum buffer means the buffer has started.
+            state["step"] = torch.ones((), dtype=torch.float32, device=shard.device)
+        if "step" in state and "selection_step" not in state:  # torch's state, or saved before the key
+            state["selection_step"] = int(state["step"])
 
     # ---- what subclasses provide ---------------------------------------------------------------
 
-    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+    def _config(self, group: dict[str, Any], step: int, momentum_init: bool = False) -> StepConfig:
         raise NotImplementedError
+
+    def _hyper(self, group: dict[str, Any]) -> StepConfig:
+        """The group's hyper-parameters as a StepConfig, before they are checked (no step terms)."""
+        return self._config(group, 1)
 
     def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
         """(step_size, bias_correction2_sqrt) of a float64 device ``step``, as ``_config`` has them."""
@@ -176,8 +331,13 @@ class _SalientOptimizer(Optimizer):
                 loss = closure()
         # Set by torch.amp.GradScaler.step for the duration of this call (see _step_supports_amp_scaling).
         amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        for scope in self._scopes():
-            self._step_scope(scope, *amp)
+        # Everything is checked before the first write: a step that raises changes nothing.
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, index)
+        plans = [self._plan_scope(scope) for scope in self._scopes()]
+        for plan in plans:
+            if plan is not None:
+                self._step_scope(plan, *amp)
         return loss
 
     def _scopes(self) -> list[list[dict[str, Any]]]:
@@ -195,55 +355,88 @@ class _SalientOptimizer(Optimizer):
         scopes = [global_groups] if global_groups else []
         return scopes + [[g] for g in self.param_groups if g["scope"] == "per_tensor"]
 
-    def _active(self, groups: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Tensor]]:
+    def _plan_scope(self, groups: list[dict[str, Any]]) -> _ScopePlan | None:
+        """Checks one scope's gradients and state against what the kernels will read; writes nothing."""
+        comm = self._comm(groups)
         active = []
         for group in groups:
-            for p in group["params"]:
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            for position, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                active.append((group, p))
-        return active
-
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        dtype = _state_dtype(group)
-        moments = [key for key in self._state_keys(group) if key is not None]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
-            state["selection_step"] = 0
-            for key in moments:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        for key in moments:
-            if state[key].dtype != dtype:  # the group's state_dtype was changed since
-                state[key] = state[key].to(dtype)
-        if group["ema"] is not None and "ema" not in state:
-            state["ema"] = p.detach().float().clone(memory_format=torch.contiguous_format)
-        return state
-
-    def _step_scope(
-        self, groups: list[dict[str, Any]], grad_scale: Tensor | None = None, found_inf: Tensor | None = None
-    ) -> None:
-        comm = self._comm(groups)
-        active = self._active(groups)
+                where = _where(group, index, position)
+                _check_grad(where, p, type(self).__name__)
+                active.append((group, p, where))
         if not active and comm is None:
-            return
-        params = [_local(p) for _, p in active]
-        grads = [_local(p.grad) for _, p in active]
-        devices = {p.device for p in params}
+            return None
+        shards = [_local(p) for _, p, _ in active]
+        devices = {p.device for p in shards}
         if len(devices) > 1:
             raise ValueError(
                 f"parameters of one selection scope are on several devices ({', '.join(map(str, devices))});"
                 " put each device's parameters in its own param group with scope='per_tensor', or one device"
             )
-        for p in params:
-            if not p.is_contiguous():
-                raise ValueError("parameters must be contiguous")
-        lead = groups[0]
         device = next(iter(devices)) if devices else distributed.comm_device(comm, [])
-        impl = dispatch.resolve(lead["backend"], device)
-        states = [self._init_state(g, p) for g, p in active]
+        impl = dispatch.resolve(groups[0]["backend"], device)
+        plan = _ScopePlan(groups, comm, impl, device, [(g, p) for g, p, _ in active], [], [])
+        for (group, p, where), shard in zip(active, shards, strict=True):
+            self._check_existing_state(where, group, p, shard)
+            work = shard if shard.is_contiguous() else shard.contiguous()
+            if work is not shard:
+                plan.write_back.append((shard, work))
+            plan.params.append(work)
+            # Gradients of other strides (transposed, expanded, channels_last) are read row-major.
+            plan.grads.append(_local(p.grad).contiguous())
+        return plan
+
+    def _check_existing_state(self, where: str, group: dict[str, Any], p: Tensor, shard: Tensor) -> None:
+        state = self.state.get(p)
+        if not state:
+            return
+        moments = [key for key in self._state_keys(group) if key is not None]
+        for key in moments:
+            if key in state:
+                check_kernel_state(where, key, _local(state[key]), shard, STATE_DTYPES)
+        if group["ema"] is not None and "ema" in state:
+            check_kernel_state(where, "ema", _local(state["ema"]), shard, (torch.float32,))
+        if "mask" in state:
+            check_packed_mask(where, state["mask"], shard)
+        step = state.get("step")
+        if step is not None and (
+            not isinstance(step, Tensor) or step.numel() != 1 or step.device != shard.device
+        ):
+            raise TypeError(f"{where}: state['step'] must be a one-element tensor on {shard.device}")
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> tuple[dict[str, Any], bool]:
+        """The parameter's state with every piece this step needs; True when the momentum buffer (SGD)
+        was allocated just now, so that it starts at the gradient."""
+        state = self.state[p]
+        shard = _local(p)
+        dtype = _state_dtype(group)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device)
+        state.setdefault("selection_step", 0)
+        fresh = False
+        for key in self._state_keys(group):
+            if key is None:
+                continue
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                fresh = fresh or key == "momentum_buffer"
+            elif state[key].dtype != dtype:  # the group's state_dtype was changed since
+                state[key] = state[key].to(dtype)
+        if group["ema"] is not None and "ema" not in state:
+            state["ema"] = p.detach().float().clone(memory_format=torch.contiguous_format)
+        return state, fresh
+
+    def _step_scope(
+        self, plan: _ScopePlan, grad_scale: Tensor | None = None, found_inf: Tensor | None = None
+    ) -> None:
+        groups, comm, impl, device = plan.groups, plan.comm, plan.impl, plan.device
+        params, grads, active = plan.params, plan.grads, plan.active
+        lead = groups[0]
+        initialised = [self._init_state(g, p) for g, p in active]
+        states = [s for s, _ in initialised]
         for state in states:
             state["selection_step"] += 1
         # A rank with no gradients in a sharded scope still joins the selection's collectives: it
@@ -251,51 +444,75 @@ class _SalientOptimizer(Optimizer):
         scheduled = states or [self.state[p] for g in groups for p in g["params"]]
         refresh_every = lead["refresh_every"]
         new_step = max((s.get("selection_step", 0) for s in scheduled), default=0) + (not states)
-        due = any("mask" not in s for s in scheduled) or (
-            refresh_every > 0 and (new_step - 1) % refresh_every == 0
+        for group in groups:  # a changed schedule ends a pinned mask
+            if group["mask_pinned"] is not None and group["mask_pinned"] != group["refresh_every"]:
+                group["mask_pinned"] = None
+        pinned = any(g["mask_pinned"] is not None for g in groups)
+        has_mask = ["mask" in s for s in scheduled]
+        due = not pinned and (
+            not any(has_mask)
+            or (refresh_every > 0 and (new_step - 1) % refresh_every == 0)
+            or (comm is not None and not all(has_mask))
         )
+        late = [] if due else [i for i, s in enumerate(states) if "mask" not in s]
         # Step-dependent scalars on the device (see module doc) except for a plain CPU step, where
         # host and device are one and the host floats are exact and cheapest.
         on_device = device.type != "cpu" or grad_scale is not None or found_inf is not None
         skipped = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32) != 0
 
-        for state, p in zip(states, params, strict=True):
-            if "mask" not in state:
-                state["mask"] = empty_masks([p])[0]
+        fixing = [i for i, s in enumerate(states) if "mask" not in s]  # masks this step fixes first
+        for i in fixing:
+            states[i]["mask"] = empty_masks([params[i]])[0]
         masks = [s["mask"] for s in states]
         segments = segments_of(params, lead["scope"])
         score = lead["score"]
+        weights = params if score == "grad_weight" else None
 
-        # One update call per (group, step count): bias corrections and hyper-parameters differ.
-        # Parameters that joined at the same call share their step count (skips included).
-        calls: dict[tuple[int, int], list[int]] = {}
-        for index, ((group, _), state) in enumerate(zip(active, states, strict=True)):
-            calls.setdefault((id(group), state["selection_step"]), []).append(index)
+        # One update call per (group, step count, fresh buffer): bias corrections and hyper-parameters
+        # differ. Parameters that joined at the same call share their step count (skips included).
+        calls: dict[tuple[int, int, bool], list[int]] = {}
+        for index, ((group, _), (state, fresh)) in enumerate(zip(active, initialised, strict=True)):
+            calls.setdefault((id(group), state["selection_step"], fresh), []).append(index)
 
         selection = None
+        valid = None  # per parameter of `fixing`: whether its first mask may be kept (a host list)
         if due:
-            weights = params if score == "grad_weight" else None
             selection = _select(impl, lead, grads, weights, segments, comm)
             if len(calls) > 1:  # tie ranks span the whole scope: fix the mask once, then update by call
-                fresh = masks if skipped is None else empty_masks(params)
+                fresh_masks = masks if skipped is None else empty_masks(params)
                 with nvtx_range("write_masks"):
-                    impl.write_masks(grads, weights, score, segments, selection, fresh)
+                    impl.write_masks(grads, weights, score, segments, selection, fresh_masks)
                 if skipped is not None:  # a skipped step keeps the masks in force
-                    for old, new in zip(masks, fresh, strict=True):
+                    for old, new in zip(masks, fresh_masks, strict=True):
                         old.copy_(torch.where(skipped, old, new))
+            if fixing and refresh_every != 1:
+                valid = _kept(selection, skipped, [segments[i] for i in fixing])
+            if len(calls) > 1:
                 selection = None
+        elif late:
+            late_params = [params[i] for i in late]
+            late_segments = segments_of(late_params, lead["scope"])
+            late_weights = late_params if score == "grad_weight" else None
+            late_grads = [grads[i] for i in late]
+            chosen = _select(impl, lead, late_grads, late_weights, late_segments, None)
+            with nvtx_range("write_masks"):
+                impl.write_masks(
+                    late_grads, late_weights, score, late_segments, chosen, [masks[i] for i in late]
+                )
+            valid = _kept(chosen, skipped, late_segments)
 
         for indices in calls.values():
             group = active[indices[0]][0]
+            fresh = initialised[indices[0]][1]
             steps = [states[i]["step"] for i in indices]
             if on_device:
                 config = self._config(group, 1)
-                scalars = self._device_scalars(group, steps, grad_scale, skipped, device)
+                scalars = self._device_scalars(group, steps, grad_scale, skipped, device, fresh)
                 config = replace(config, scalars=scalars)
             else:
                 for step in steps:
                     step += 1
-                config = self._config(group, int(steps[0]))
+                config = self._config(group, int(steps[0]), momentum_init=fresh or int(steps[0]) == 1)
             first, second = self._state_keys(group)
             sub = TensorGroup(
                 params=[params[i] for i in indices],
@@ -311,6 +528,12 @@ class _SalientOptimizer(Optimizer):
                 else:
                     sub_segments = [segments[i] for i in indices]
                     impl.update(sub, config, score, sub_segments, masks_in=sub_masks)
+        for shard, work in plan.write_back:
+            shard.copy_(work)
+        if valid is not None:  # a first mask that selected nothing is dropped: the next step selects again
+            for i, keep in zip(fixing if due else late, valid, strict=True):
+                if not keep:
+                    del states[i]["mask"]
 
     def _device_scalars(
         self,
@@ -319,6 +542,7 @@ class _SalientOptimizer(Optimizer):
         grad_scale: Tensor | None,
         skipped: Tensor | None,
         device: torch.device,
+        fresh: bool,
     ) -> Tensor:
         """Advance ``steps`` (unless ``skipped``) and return the update's StepConfig.scalars:
         [step_size, bias_correction2_sqrt, inv_grad_scale, found_inf, momentum_init], all on the device."""
@@ -331,7 +555,7 @@ class _SalientOptimizer(Optimizer):
         step_size, bias_correction2_sqrt = self._step_terms(group, step64)
         # As GradScaler.unscale_: the reciprocal in float64, rounded once.
         inv_scale = zero + 1.0 if grad_scale is None else grad_scale.to(device).double().reciprocal()
-        momentum_init = (step64 == 1).double()
+        momentum_init = (step64 == 1).double() if not fresh else zero.double() + 1.0
         terms = [step_size, bias_correction2_sqrt, inv_scale, found.double(), momentum_init]
         return torch.stack([t.to(torch.float64) for t in terms]).to(torch.float32)
 
@@ -346,7 +570,7 @@ class _SalientOptimizer(Optimizer):
         out = []
         for p in self._all_params():
             shard = _local(p)
-            mask = self.state[p].get("mask")
+            mask = self.state[p].get("mask") if p in self.state else None
             bits = (
                 eager.unpack(mask, shard.numel())
                 if mask is not None
@@ -357,76 +581,96 @@ class _SalientOptimizer(Optimizer):
 
     def set_masks(
         self,
-        masks: Sequence[Tensor] | Mapping[str, Tensor],
+        masks: Sequence[Tensor] | Mapping[str, Tensor] | Mapping[Tensor, Tensor],
         named_parameters: Iterable[tuple[str, Tensor]] | None = None,
     ) -> None:
-        """Store a selection: a list of bool/0-1 tensors (param-group order), or a SalUn-style dict
-        ``{name: 0/1 tensor}`` together with ``model.named_parameters()``."""
+        """Store a selection and keep it in force until a group's ``refresh_every`` is changed.
+
+        ``masks``: a list of bool or 0/1 tensors (param-group order), a ``{parameter: mask}`` dict, or a
+        SalUn-style ``{name: 0/1 tensor}`` dict together with ``model.named_parameters()``. Every
+        parameter needs one; values other than 0 and 1 are refused."""
         params = self._all_params()
-        if isinstance(masks, Mapping):
-            if named_parameters is None:
-                raise ValueError("a dict of masks needs named_parameters to map names to parameters")
-            by_id = {id(p): name for name, p in named_parameters}
-            missing = [i for i, p in enumerate(params) if id(p) not in by_id or by_id[id(p)] not in masks]
-            if missing:
-                raise ValueError(f"no mask given for {len(missing)} of the optimizer's parameters")
-            masks = [masks[by_id[id(p)]] for p in params]
-        if len(masks) != len(params):
-            raise ValueError(f"got {len(masks)} masks for {len(params)} parameters")
+        masks = _per_param("masks", masks, params, named_parameters)
         packed = []
         for i, (mask, p) in enumerate(zip(masks, params, strict=True)):
             shard = _local(p)  # DTensor parameters take DTensor masks, or masks of their local shard
             if not isinstance(mask, Tensor) or _local(mask).shape != shard.shape:
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"mask {i} has shape {shape}; its parameter has shape {tuple(p.shape)}")
-            packed.append(eager.pack((_local(mask) != 0).reshape(-1).to(shard.device)))
+            values = _local(mask)
+            if values.is_complex() or not bool(((values == 0) | (values == 1)).all()):
+                raise ValueError(f"mask {i} holds values other than 0 and 1 (or True/False)")
+            packed.append(eager.pack((values != 0).reshape(-1).to(shard.device)))
         for p, words in zip(params, packed, strict=True):
             self.state[p]["mask"] = words
+        self._pin()
 
     @torch.no_grad()
-    def compute_mask(self, grads: Sequence[Tensor] | None = None) -> None:
-        """Select now from ``grads`` (one per parameter, param-group order; default: each ``.grad``)
-        and store the masks; with ``refresh_every=0`` they stay in force for the rest of training."""
+    def compute_mask(
+        self,
+        grads: Sequence[Tensor] | Mapping[Tensor, Tensor] | Mapping[str, Tensor] | None = None,
+        named_parameters: Iterable[tuple[str, Tensor]] | None = None,
+    ) -> None:
+        """Select now from ``grads`` and keep the masks in force until a group's ``refresh_every`` is
+        changed.
+
+        ``grads``: ``SaliencyAccumulator.gradients()`` (matched to the parameters it was built with), a
+        ``{parameter: gradient}`` dict, a ``{name: gradient}`` dict with ``named_parameters``, or a list
+        in param-group order. Default: each parameter's ``.grad`` (zeros where there is none)."""
         params = self._all_params()
         if grads is None:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        grads = list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
+        grads = _per_param("grads", grads, params, named_parameters)
+        checked = [_check_given_grad(i, g, p) for i, (g, p) in enumerate(zip(grads, params, strict=True))]
         index = {id(p): i for i, p in enumerate(params)}
+        chosen: list[tuple[Tensor, Tensor]] = []
         for groups in self._scopes():
             lead = groups[0]
             comm = self._comm(groups)
             scope_params = [p for g in groups for p in g["params"]]
-            shards = [_local(p).detach() for p in scope_params]
-            scope_grads = [_local(grads[index[id(p)]]).detach().contiguous() for p in scope_params]
+            if not scope_params and comm is None:
+                continue
+            shards = [_local(p).detach().contiguous() for p in scope_params]
+            scope_grads = [checked[index[id(p)]] for p in scope_params]
             segments = segments_of(shards, lead["scope"])
-            impl = dispatch.resolve(lead["backend"], shards[0].device)
+            impl = dispatch.resolve(lead["backend"], distributed.comm_device(comm, shards))
             weights = shards if lead["score"] == "grad_weight" else None
             selection = _select(impl, lead, scope_grads, weights, segments, comm)
             masks = empty_masks(shards)
             impl.write_masks(scope_grads, weights, lead["score"], segments, selection, masks)
-            for p, words in zip(scope_params, masks, strict=True):
-                self.state[p]["mask"] = words
+            chosen.extend(zip(scope_params, masks, strict=True))
+        for p, words in chosen:
+            self.state[p]["mask"] = words
+        self._pin()
+
+    def _pin(self) -> None:
+        for group in self.param_groups:
+            group["mask_pinned"] = group["refresh_every"]
 
     def ema_parameters(self) -> list[Tensor]:
         """The EMA copies (fp32, param-group order; the parameter itself where no EMA exists yet)."""
         return [self.state[p].get("ema", p.detach()).view(p.shape) for p in self._all_params()]
 
 
-class SalientAdamW(_SalientOptimizer):
-    """AdamW (decoupled weight decay) that updates only the most salient elements. See module doc."""
-
-    kind = "adamw"
+class SalientAdam(_SalientOptimizer):
+    """Adam (L2 weight decay added to the gradient, or AdamW's decoupled decay with
+    ``decoupled_weight_decay=True``) that updates only the most salient elements. See module doc."""
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         ratio: float = 0.5,
         score: str = "grad",
         scope: str = "global",
@@ -437,44 +681,88 @@ class SalientAdamW(_SalientOptimizer):
         backend: str = "auto",
         process_group: Any = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend))
         super().__init__(params, defaults, process_group)
 
-    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
-        return StepConfig.adam(
-            self.kind,
-            lr=float(group["lr"]),
-            step=step,
-            betas=tuple(group["betas"]),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
+    def _check_numbers(self, group: dict[str, Any]) -> None:
+        for name in ("lr", "eps", "weight_decay"):
+            as_float(name, group[name])
+        betas = group["betas"]
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            as_float(f"betas[{i}]", beta)
+
+    def _kind(self, group: dict[str, Any]) -> str:
+        return "adamw" if group["decoupled_weight_decay"] else "adam"
+
+    def _hyper(self, group: dict[str, Any]) -> StepConfig:
+        beta1, beta2 = (as_float("betas", b) for b in group["betas"])
+        return StepConfig(
+            kind=self._kind(group),
+            lr=as_float("lr", group["lr"]),
+            weight_decay=as_float("weight_decay", group["weight_decay"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=as_float("eps", group["eps"]),
             clip_value=group["clip_value"],
             ema_decay=group["ema"],
+            maximize=group["maximize"],
+        )
+
+    def _config(self, group: dict[str, Any], step: int, momentum_init: bool = False) -> StepConfig:
+        beta1, beta2 = (as_float("betas", b) for b in group["betas"])
+        return StepConfig.adam(
+            self._kind(group),
+            lr=as_float("lr", group["lr"]),
+            step=step,
+            betas=(beta1, beta2),
+            eps=as_float("eps", group["eps"]),
+            weight_decay=as_float("weight_decay", group["weight_decay"]),
+            clip_value=group["clip_value"],
+            ema_decay=group["ema"],
+            maximize=group["maximize"],
         )
 
     def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
-        beta1, beta2 = group["betas"]
-        return float(group["lr"]) / (1.0 - beta1**step), torch.sqrt(1.0 - beta2**step)
+        beta1, beta2 = (as_float("betas", b) for b in group["betas"])
+        return as_float("lr", group["lr"]) / (1.0 - beta1**step), torch.sqrt(1.0 - beta2**step)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
         # Adam with beta1 == 0 (SFD's setting) keeps no first moment at all.
-        return ("exp_avg" if group["betas"][0] > 0 else None), "exp_avg_sq"
+        return ("exp_avg" if as_float("betas", group["betas"][0]) > 0 else None), "exp_avg_sq"
 
 
-class SalientAdam(SalientAdamW):
-    """Adam (L2 weight decay added to the gradient) that updates only the most salient elements."""
-
-    kind = "adam"
+class SalientAdamW(SalientAdam):
+    """AdamW (decoupled weight decay) that updates only the most salient elements. See module doc."""
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         ratio: float = 0.5,
         score: str = "grad",
         scope: str = "global",
@@ -491,6 +779,13 @@ class SalientAdam(SalientAdamW):
             betas,
             eps,
             weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
             ratio=ratio,
             score=score,
             scope=scope,
@@ -506,17 +801,19 @@ class SalientAdam(SalientAdamW):
 class SalientSGD(_SalientOptimizer):
     """SGD with momentum / dampening / nesterov that updates only the most salient elements."""
 
-    kind = "sgd"
-
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         ratio: float = 0.5,
         score: str = "grad",
         scope: str = "global",
@@ -528,28 +825,41 @@ class SalientSGD(_SalientOptimizer):
         process_group: Any = None,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
         )
         defaults.update(_saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend))
         super().__init__(params, defaults, process_group)
 
-    def _config(self, group: dict[str, Any], step: int) -> StepConfig:
+    def _check_numbers(self, group: dict[str, Any]) -> None:
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            as_float(name, group[name])
+
+    def _config(self, group: dict[str, Any], step: int, momentum_init: bool = False) -> StepConfig:
         return StepConfig.sgd(
-            lr=float(group["lr"]),
-            momentum=group["momentum"],
-            dampening=group["dampening"],
+            lr=as_float("lr", group["lr"]),
+            momentum=as_float("momentum", group["momentum"]),
+            dampening=as_float("dampening", group["dampening"]),
             nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            momentum_init=step == 1,  # torch.optim.SGD starts the buffer at the first gradient
+            weight_decay=as_float("weight_decay", group["weight_decay"]),
+            momentum_init=momentum_init,  # torch.optim.SGD starts the buffer at the first gradient
             clip_value=group["clip_value"],
             ema_decay=group["ema"],
+            maximize=group["maximize"],
         )
 
     def _step_terms(self, group: dict[str, Any], step: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(step), torch.ones_like(step)  # SGD has no bias corrections
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str | None, str | None]:
-        return ("momentum_buffer" if group["momentum"] > 0 else None), None
+        return ("momentum_buffer" if as_float("momentum", group["momentum"]) > 0 else None), None
 
 
 def _select(
@@ -570,6 +880,139 @@ def _select(
         return impl.select(grads, weights, score, segments, budgets(grads, segments, ratio))
 
 
+def _kept(selection, skipped: Tensor | None, segments: Sequence[int]) -> list[bool]:
+    """Per entry of ``segments``: whether a first mask from ``selection`` may be kept (it selected
+    something, and the step was not skipped). One small read back to the host."""
+    ok = torch.isfinite(selection.threshold)
+    if skipped is not None:
+        ok = ok & ~skipped.to(ok.device)
+    ok = ok.tolist()
+    return [bool(ok[s]) for s in segments]
+
+
+def _where(group: dict[str, Any], index: int, position: int) -> str:
+    """How errors name a parameter: its name when the group has names, else its position."""
+    names = group.get("param_names")
+    if names is not None and position < len(names):
+        return f"parameter {names[position]!r} (param group {index})"
+    return f"parameter {position} of param group {index}"
+
+
+def _check_grad(where: str, p: Tensor, owner: str) -> None:
+    """A parameter's ``.grad`` as the step reads it (any strides: it is read row-major)."""
+    g = p.grad
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"{owner} does not support sparse gradients ({where})")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{where}: .grad has dtype {g.dtype} but the parameter has {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"{where}: .grad has shape {tuple(g.shape)} but the parameter has {tuple(p.shape)}")
+    if _local(g).device != _local(p).device:
+        raise ValueError(
+            f"{where}: .grad is on {_local(g).device} but the parameter is on {_local(p).device}"
+        )
+
+
+def _check_given_grad(index: int, g: Any, p: Tensor) -> Tensor:
+    """A gradient handed to ``compute_mask`` for parameter ``index``, as a row-major fp32-family tensor."""
+    if not isinstance(g, Tensor):
+        raise TypeError(f"grads[{index}] must be a tensor, got {type(g).__name__}")
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"grads[{index}] is sparse; only dense gradients are supported")
+    if not g.is_floating_point():
+        raise TypeError(f"grads[{index}] has dtype {g.dtype}; expected a floating-point gradient")
+    if g.shape != p.shape:
+        raise ValueError(f"grads[{index}] has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
+    shard, local = _local(p), _local(g)
+    if local.device != shard.device:
+        raise ValueError(f"grads[{index}] is on {local.device} but its parameter is on {shard.device}")
+    if local.dtype not in PARAM_DTYPES:  # float64: the scores are fp32 anyway
+        local = local.float()
+    return local.detach().contiguous()
+
+
+def _per_param(
+    what: str,
+    values: Any,
+    params: list[Tensor],
+    named_parameters: Iterable[tuple[str, Tensor]] | None,
+) -> list[Any]:
+    """One entry of ``values`` per optimizer parameter, in param-group order, matched by identity.
+
+    ``values``: a list in param-group order; a list that knows its parameters (``.params``, as
+    ``SaliencyAccumulator.gradients()`` returns); a ``{parameter: value}`` dict; or a ``{name: value}``
+    dict with ``named_parameters``."""
+    if isinstance(values, Tensor):
+        raise TypeError(f"{what} must be a list or dict of tensors, one per parameter, not one tensor")
+    owners = getattr(values, "params", None)
+    if owners is not None:
+        values = dict(zip(owners, values, strict=True))
+    if isinstance(values, Mapping):
+        if values and all(isinstance(k, str) for k in values):
+            if named_parameters is None:
+                raise ValueError(
+                    f"a dict of {what} by name needs named_parameters to map names to parameters"
+                )
+            names = {id(p): name for name, p in named_parameters}
+            missing = [i for i, p in enumerate(params) if names.get(id(p)) not in values]
+            if missing:
+                raise ValueError(f"no {what[:-1]} given for {len(missing)} of the optimizer's parameters")
+            return [values[names[id(p)]] for p in params]
+        by_id = {id(k): v for k, v in values.items() if isinstance(k, Tensor)}
+        if len(by_id) != len(values):
+            raise TypeError(f"{what}: dict keys must be parameters (tensors) or names (str)")
+        missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+        if missing:
+            raise ValueError(
+                f"no {what[:-1]} given for {len(missing)} of the optimizer's parameters "
+                f"(the first is parameter {missing[0]} in param-group order)"
+            )
+        return [by_id[id(p)] for p in params]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be a list or dict of tensors, got {type(values).__name__}")
+    values = list(values)
+    if len(values) != len(params):
+        raise ValueError(f"got {len(values)} {what} for {len(params)} parameters")
+    return values
+
+
+def _check_saved_state(where: str, state: Any, p: Tensor) -> None:
+    """One parameter's saved state (before loading): what the kernels will read must fit ``p``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where}: saved state must be a dict, got {type(state).__name__}")
+    shard = _local(p)
+    for key, value in state.items():
+        if key in (*_MOMENT_KEYS, "ema"):
+            if value is None and key == "momentum_buffer":
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.is_complex():
+                got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(f"{where}: saved state[{key!r}] must be a floating-point tensor, got {got}")
+            if tuple(value.shape) not in (tuple(p.shape), tuple(shard.shape)):
+                raise ValueError(
+                    f"{where}: saved state[{key!r}] has shape {tuple(value.shape)} "
+                    f"but the parameter has {tuple(p.shape)}"
+                )
+        elif key == "mask":
+            check_packed_mask(where, _local(value).reshape(-1) if isinstance(value, Tensor) else value, shard)
+        elif key == "step":
+            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+                value = float(value)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                raise ValueError(f"{where}: saved state['step'] must be a finite count >= 0, got {value!r}")
+        elif key == "selection_step":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: saved state['selection_step'] must be an int >= 0, got {value!r}")
+        elif key == "max_exp_avg_sq":
+            raise NotImplementedError(
+                f"{where}: saved state has max_exp_avg_sq (amsgrad), which is not supported"
+            )
+
+
 def _saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, backend) -> dict[str, Any]:
     return dict(
         ratio=ratio,
@@ -580,6 +1023,7 @@ def _saliency(ratio, score, scope, refresh_every, clip_value, ema, state_dtype, 
         ema=ema,
         state_dtype=state_dtype,
         backend=backend,
+        mask_pinned=None,  # the refresh_every a mask from set_masks/compute_mask was pinned at
     )
 
 

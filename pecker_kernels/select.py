@@ -79,15 +79,24 @@ def topk_mask(
 ) -> list[Tensor]:
     """Bool mask per tensor marking the exactly-k most salient elements.
 
-    ``tensors`` are gradients, or parameters whose ``.grad`` is set (then they are also the weights of
-    ``score="grad_weight"``). Ties at the threshold go to the lower flat index; non-finite scores are
-    never selected. With ``process_group`` (or sharded DTensors) the masks are this rank's part of one
-    selection over every rank's shards (DTensors in, DTensors out).
+    ``tensors`` are gradients, or parameters that all have ``.grad`` set (then they are also the weights
+    of ``score="grad_weight"``); parameters of which some lack ``.grad`` are refused. Ties at the
+    threshold go to the lower flat index; non-finite scores are never selected. With ``process_group``
+    (or sharded DTensors) the masks are this rank's part of one selection over every rank's shards
+    (DTensors in, DTensors out).
     """
     tensors = list(tensors)
-    if tensors and all(getattr(t, "grad", None) is not None for t in tensors):
+    with_grad = [getattr(t, "grad", None) is not None for t in tensors]
+    if tensors and all(with_grad):
         weights = tensors if weights is None else weights
         tensors = [t.grad for t in tensors]
+    elif any(with_grad) or any(getattr(t, "requires_grad", False) for t in tensors):
+        # Parameters, not gradients: ranking their values instead of missing gradients would be silent.
+        missing = [i for i, has in enumerate(with_grad) if not has]
+        raise ValueError(
+            f"topk_mask got parameters, but tensors {missing[:5]} have no .grad; "
+            "pass the gradients themselves, or parameters that all have .grad"
+        )
     tensors = [t.detach() for t in tensors]
     weights = None if weights is None else [w.detach() for w in weights]
     selection = select(

@@ -115,3 +115,58 @@ def check_step_scalars(scalars: Tensor | None, device: torch.device | None = Non
         raise ValueError("config.scalars is not contiguous; call .contiguous() first")
     if device is not None and scalars.device != device:
         raise ValueError(f"config.scalars is on {scalars.device} but the params are on {device}")
+
+
+def as_float(name: str, value: object) -> float:
+    """A hyper-parameter as a Python float: ints, floats and one-element tensors (as torch accepts)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"Tensor {name} must be 1-element and real, got shape {tuple(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_flag(name: str, value: object, *, optional: bool = False) -> None:
+    """A boolean option (``None`` too where torch allows it, e.g. ``foreach``/``fused``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be {'True, False or None' if optional else 'a bool'}, got {value!r}")
+
+
+def check_kernel_state(
+    where: str, key: str, t: object, shard: Tensor, dtypes: tuple[torch.dtype, ...]
+) -> None:
+    """One optimizer state tensor exactly as the kernels read it: ``shard``'s shape and device, one of
+    ``dtypes``, contiguous (the kernels read ``shard.numel()`` elements from its address)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where}: state[{key!r}] must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(
+            f"{where}: state[{key!r}] has dtype {t.dtype}; expected {' or '.join(map(str, dtypes))}"
+        )
+    if t.shape != shard.shape:
+        raise ValueError(
+            f"{where}: state[{key!r}] has shape {tuple(t.shape)} but the parameter has {tuple(shard.shape)}"
+        )
+    if t.device != shard.device:
+        raise ValueError(f"{where}: state[{key!r}] is on {t.device} but the parameter is on {shard.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{where}: state[{key!r}] is not contiguous")
+
+
+def check_packed_mask(where: str, t: object, shard: Tensor) -> None:
+    """A stored packed mask: contiguous 1-D int32 of ``mask_words(shard.numel())`` on ``shard``'s device."""
+    words = mask_words(shard.numel())
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+        got = f"{t.dtype} tensor of {t.dim()} dims" if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{where}: state['mask'] must be a 1-D int32 tensor (packed bits), got {got}")
+    if t.numel() != words:
+        raise ValueError(
+            f"{where}: state['mask'] has {t.numel()} words; "
+            f"a parameter of {shard.numel()} elements needs {words}"
+        )
+    if t.device != shard.device or not t.is_contiguous():
+        raise ValueError(f"{where}: state['mask'] must be contiguous and on {shard.device}")
