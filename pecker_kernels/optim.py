@@ -34,7 +34,8 @@ row-major copies (the state is row-major); contiguous ones in place.
 Masks:
 
 * A mask given by ``set_masks`` or ``compute_mask`` stays in force (nothing is reselected) until a
-  group's ``refresh_every`` is changed; from then on that scope follows its schedule again.
+  group's ``refresh_every`` is changed; the next step then selects anew and the scope follows its
+  schedule again.
 * A first selection that would fix an empty mask is not kept: while a scope has no mask, a step that
   ``GradScaler`` skips (``found_inf``) or whose gradients are all non-finite stores none, and the next
   step selects again. Checking this reads one flag back once, at the step that fixes the mask (not with
@@ -444,16 +445,19 @@ class _SalientOptimizer(Optimizer):
         scheduled = states or [self.state[p] for g in groups for p in g["params"]]
         refresh_every = lead["refresh_every"]
         new_step = max((s.get("selection_step", 0) for s in scheduled), default=0) + (not states)
-        for group in groups:  # a changed schedule ends a pinned mask
+        unpinned = False
+        for group in groups:  # a changed schedule ends a pinned mask: the next step selects anew
             if group["mask_pinned"] is not None and group["mask_pinned"] != group["refresh_every"]:
                 group["mask_pinned"] = None
+                unpinned = True
         pinned = any(g["mask_pinned"] is not None for g in groups)
         has_mask = ["mask" in s for s in scheduled]
-        due = not pinned and (
+        by_schedule = (
             not any(has_mask)
             or (refresh_every > 0 and (new_step - 1) % refresh_every == 0)
-            or (comm is not None and not all(has_mask))
+            or (comm is not None and not all(has_mask))  # a sharded scope reselects as a whole
         )
+        due = unpinned or (not pinned and by_schedule)
         late = [] if due else [i for i, s in enumerate(states) if "mask" not in s]
         # Step-dependent scalars on the device (see module doc) except for a plain CPU step, where
         # host and device are one and the host floats are exact and cheapest.
