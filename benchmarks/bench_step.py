@@ -8,7 +8,7 @@
 A plan is a list of configurations: flat tensors of every size in --sizes at every dtype in --dtypes
 (ratio --ratio), a flat tensor of --ratio-size at each of --more-ratios (first dtype), and every model
 layout in --layouts at every dtype. The contenders of a configuration are all built first and then timed
-in interleaved rounds. Each row: median time, spread, GB/s from the bytes model (DESIGN.md), percent of
+in interleaved rounds. Each row: median time, spread, GB/s from the bytes model (docs/DESIGN.md), percent of
 the bandwidth of an in-place scale measured in the same configuration, and the ratio to torch's fused
 AdamW measured in the same configuration.
 """

@@ -2,7 +2,7 @@
 
 Every contender updates the same parameters with AdamW (lr 1e-3, weight decay 1e-2); the masked ones keep
 the top ``ratio`` of ``|grad|`` over all tensors together. ``bytes_per_param`` follows the bytes model in
-DESIGN.md, written for any parameter dtype: an Adam step reads p, g and its moments and writes p and the
+docs/DESIGN.md, written for any parameter dtype: an Adam step reads p, g and its moments and writes p and the
 moments; parameters and gradients take the parameter dtype's bytes, moments take torch's choice (the
 parameter dtype) or ours (fp32). GB/s therefore means the same thing for every row.
 """
