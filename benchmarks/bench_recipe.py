@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from pecker_kernels import SalientAdam
 from pecker_kernels.backends.base import budget
 from pecker_kernels.unlearn import Distiller, UnlearnConfig, prepare
-from pecker_kernels.unlearn.models import UNet
+from pecker_kernels.unlearn.nets import EpsNet
 
 from .contenders import kthvalue_masks
 
@@ -127,8 +127,11 @@ def train_step(d: Distiller, update_generator: Update) -> dict[str, float]:
 def run(config: UnlearnConfig, base: int | None, steps: int, rounds: int = 3) -> list[dict]:
     """Every arm is built first, then all run ``steps`` timed steps in interleaved rounds."""
     ctx = prepare(config)
-    if base is not None:  # timing only: a wider network with random weights
-        ctx.teacher = UNet(**{**ctx.teacher.config, "base": base}).requires_grad_(False)
+    if base is not None:  # timing only: a wider network (levels of base and 1.5 base channels), random
+        from diffusers import UNet2DModel
+
+        wide = {**ctx.teacher.unet.config, "block_out_channels": (base, base * 3 // 2)}
+        ctx.teacher = EpsNet(UNet2DModel.from_config(wide), ctx.schedule).requires_grad_(False)
     distillers = {name: Distiller(config, ctx) for name in ARMS}
     updates = {name: make(distillers[name]) for name, make in ARMS.items()}
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in ARMS}
@@ -173,7 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps per arm")
-    parser.add_argument("--base", type=int, help="UNet base width (default: the packaged teacher's, 16)")
+    parser.add_argument(
+        "--base",
+        type=int,
+        help="UNet base width, a multiple of 16 (default: the packaged teacher's, 16)",
+    )
     parser.add_argument("--out", type=Path, help="folder for recipe.json and recipe.md")
     args = parser.parse_args(argv)
     config = UnlearnConfig(method="pecker", ratio=0.5, refresh_every=0)

@@ -18,12 +18,15 @@ def flat(numel: int) -> Shapes:
 
 
 def recipe_unet() -> Shapes:
-    """The recipe's UNet (``pecker_kernels.unlearn.models.UNet``, the digits configuration), built on
-    the meta device so no memory is touched."""
-    from pecker_kernels.unlearn.models import UNet
+    """The recipe's UNet (the packaged digits teacher's diffusers ``UNet2DModel``:
+    ``pecker_kernels.unlearn.nets.digits_unet_config``), built on the meta device so no memory is
+    touched."""
+    from diffusers import UNet2DModel
+
+    from pecker_kernels.unlearn.nets import digits_unet_config
 
     with torch.device("meta"):
-        net = UNet()
+        net = UNet2DModel(**digits_unet_config())
     return [tuple(p.shape) for p in net.parameters()]
 
 

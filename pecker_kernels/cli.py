@@ -1,12 +1,14 @@
 """Command line: ``python -m pecker_kernels <command>`` (also installed as ``pecker``).
 
-Commands: ``unlearn`` (one method, or ``--compare`` pecker against sfd), ``demo`` (the default digits
-comparison), ``train-teacher`` and ``train-classifier``.
+Commands: ``unlearn`` (one method, or ``--compare`` pecker against sfd; ``--resume OUT`` continues an
+interrupted run), ``demo`` (the default digits comparison), ``sample`` (draw from a run's generator),
+``train-teacher`` and ``train-classifier``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -32,7 +34,24 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
     from .unlearn.trainer import UnlearnConfig
 
     d = UnlearnConfig()
-    p.add_argument("--dataset", default=d.dataset, help="digits (default), mnist or fashion-mnist")
+    p.add_argument(
+        "--model",
+        "--teacher",
+        dest="model",
+        default=None,
+        help="the teacher: a local diffusers folder, a model folder (config.json + weights) or a pipeline "
+        "folder (model_index.json, unet/, scheduler/) (default: the packaged digits teacher)",
+    )
+    p.add_argument(
+        "--null-class",
+        action="store_true",
+        help="the model's last class embedding is a null (unconditional) label: never sampled",
+    )
+    p.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="the model's data, for the classifier's metrics: digits (default), mnist or fashion-mnist",
+    )
     p.add_argument("--forget", type=int, default=d.forget, help="class to forget (default %(default)s)")
     p.add_argument(
         "--override",
@@ -68,6 +87,7 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
     p.add_argument(
         "--ema", type=float, default=d.ema, help="EMA decay of the generator (metrics use the EMA)"
     )
+    p.add_argument("--t-init", type=int, default=d.t_init, help="the one-step generator's time step")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-samples", type=int, default=d.eval_samples)
     p.add_argument("--final-samples", type=int, default=d.final_samples, help="samples per class at the end")
@@ -75,11 +95,30 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
         "--target", type=float, default=d.target, help="forgetting accuracy that counts as forgotten"
     )
     p.add_argument(
-        "--teacher-ddim-steps", type=int, default=50, help="DDIM steps for the teacher's reference"
+        "--teacher-ddim-steps",
+        type=int,
+        default=d.teacher_ddim_steps,
+        help="DDIM steps for the teacher's reference",
     )
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the packaged one)")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the packaged one)")
-    p.add_argument("--out", type=Path, required=out_required, help="new (or empty) folder for the results")
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="classifier checkpoint of the model's data (default: the packaged one when the model fits it)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between checkpoints in OUT/checkpoint (default %(default)s; 0: only when interrupted)",
+    )
+    p.add_argument("--out", type=Path, required=False, help="new (or empty) folder for the results")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="continue the interrupted run in OUT with its recorded options",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, or $PECKER_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -96,7 +135,7 @@ def _config(args: argparse.Namespace, method: str):
     if override is not None and override != "random":
         try:
             override = int(override)
-        except ValueError:
+        except (TypeError, ValueError):
             raise ValueError(f"--override must be a class index or 'random', got {override!r}") from None
     return UnlearnConfig(
         dataset=args.dataset,
@@ -111,6 +150,7 @@ def _config(args: argparse.Namespace, method: str):
         alpha=args.alpha,
         forget_weight=args.forget_weight,
         ema=args.ema,
+        t_init=args.t_init,
         ratio=args.ratio,
         refresh_every=args.refresh_every,
         mask_batches=args.mask_batches,
@@ -120,18 +160,96 @@ def _config(args: argparse.Namespace, method: str):
         eval_samples=args.eval_samples,
         final_samples=args.final_samples,
         target=args.target,
-        teacher=args.teacher,
+        teacher_ddim_steps=args.teacher_ddim_steps,
+        model=args.model,
+        null_class=args.null_class,
         classifier=args.classifier,
+        checkpoint_every=args.checkpoint_every,
         distributed=args.distributed,
     )
 
 
-def _run_one(config, ctx, progress: bool) -> dict:
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was checkpointed."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM handlers that ask the loop to checkpoint and stop after the current step; a second
+    signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: checkpointing after this step (again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> _StopFlag:
+        import signal
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._saved[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handlers, no interruption support
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
+
+
+def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: bool, stop: _StopFlag) -> dict:
+    """One method's run in ``part`` (None: a non-lead rank, which writes nothing): from its checkpoint
+    when there is one; checkpoints every ``checkpoint_every`` steps and when a signal arrives."""
     from tqdm import tqdm
 
+    from .unlearn import runs
     from .unlearn.trainer import Distiller
 
-    bar = tqdm(total=config.steps, desc=config.method, disable=not progress, dynamic_ncols=True, leave=True)
+    d = Distiller(config, ctx)
+    checkpoints_on = part is not None and not config.distributed
+    found = runs.find_checkpoint(part) if checkpoints_on else None
+    if found is not None:
+        state = runs.load_checkpoint(found)
+        if state.get("config") != dataclasses.asdict(config):
+            raise ValueError(f"{found} was written by a run with other options; it cannot be resumed")
+        d.load_state_dict(state)
+        print(f"{config.method}: resumed from step {d.step} ({found})", flush=True)
+    else:
+        d.setup()
+    saved_at = d.step if found is not None else None
+
+    def save() -> None:
+        nonlocal saved_at
+        if checkpoints_on and saved_at != d.step:
+            runs.save_checkpoint(part, d)
+            saved_at = d.step
+
+    def after_step(d: Distiller) -> None:
+        every = config.checkpoint_every
+        if every and d.step % every == 0:
+            save()
+        if stop.signum is not None:
+            if not checkpoints_on:
+                raise Interrupted(stop.signum, d.step)
+            save()
+            raise Interrupted(stop.signum, d.step)
+
+    if stop.signum is not None:  # arrived during set-up
+        after_step(d)
+    bar = tqdm(
+        total=config.steps, initial=d.step, desc=config.method, disable=not progress, dynamic_ncols=True
+    )
 
     def on_step(step: int, logs: dict[str, float]) -> None:
         bar.update(1)
@@ -143,9 +261,15 @@ def _run_one(config, ctx, progress: bool) -> dict:
         )
 
     try:
-        return Distiller(config, ctx).run(on_step)
+        d.train(on_step, after_step)
     finally:
         bar.close()
+    if config.checkpoint_every:
+        save()  # the finished state: a failure while writing the results can be resumed from here
+    result = d.finish()
+    if part is not None:
+        runs.write_run(part, result, ctx, teacher, d)
+    return result
 
 
 def _init_distributed() -> int:
@@ -162,13 +286,51 @@ def _init_distributed() -> int:
     return dist.get_rank()
 
 
+_RECORDED = (
+    "model", "null_class", "dataset", "forget", "override", "method", "compare", "steps", "ratio",
+    "refresh_every", "mask_batches", "backend", "seed", "batch", "forget_batch", "lr", "lr_pseudo",
+    "forget_weight", "alpha", "ema", "t_init", "eval_every", "eval_samples", "final_samples", "target",
+    "teacher_ddim_steps", "classifier", "checkpoint_every", "threads", "distributed",
+)  # fmt: skip
+
+
+def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The recorded options of the run in ``args.resume`` (its progress bar choice is this call's)."""
+    from .unlearn import runs
+
+    out = args.resume
+    if args.out is not None and Path(args.out) != out:
+        raise ValueError("--resume OUT continues the run in OUT; give no other --out")
+    record = runs.read_run(out)
+    if record.get("status") == "done":
+        raise ValueError(f"the run in {out} is finished; nothing to resume")
+    options = record.get("options")
+    if not isinstance(options, dict) or any(k not in options for k in _RECORDED):
+        raise ValueError(f"{out}/run.json records no options to resume with")
+    resumed = argparse.Namespace(**{k: options[k] for k in _RECORDED})
+    resumed.out, resumed.resume, resumed.no_progress = out, out, args.no_progress
+    resumed.argv, resumed.command = args.argv, args.command
+    resumed.recorded = record
+    return resumed
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .unlearn import runs
 
+    if args.resume is not None:
+        args = _resume_args(args)
+    elif args.out is None:
+        raise ValueError("--out OUT (a new folder) is required, or --resume OUT to continue a run")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     _threads(args.threads)
-    runs.check_out(args.out)  # before any work: never overwrite or mix with another run
+    args.threads = torch.get_num_threads()  # recorded: a resumed run uses the same
+    if args.resume is None:
+        runs.check_out(args.out)  # before any work: never overwrite or mix with another run
     if not args.distributed:
         return _unlearn(args, lead=True)
+    if args.resume is not None:
+        raise ValueError("--distributed runs keep no checkpoints: they cannot be resumed")
     rank = _init_distributed()
     try:
         return _unlearn(args, lead=rank == 0)
@@ -185,64 +347,199 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
 
     methods = ["pecker", "sfd"] if args.compare else [args.method]
     configs = [_config(args, m) for m in methods]
-    ctx = prepare(configs[0])
+    ctx = prepare(configs[0])  # every option, the model and the classifier: checked before any output
     for c in configs[1:]:
         c.override = configs[0].override
-        c.validate(ctx.data.num_classes)
-    start = time.perf_counter()
-    results = {c.method: _run_one(c, ctx, lead and not args.no_progress) for c in configs}
+        c.validate(ctx.num_classes, ctx.schedule.steps)
     if not lead:
+        stop = _StopFlag()
+        for c in configs:
+            _run_one(c, ctx, None, None, False, stop)
         return 0
-    teacher, teacher_images = runs.reference(ctx, configs[0], args.teacher_ddim_steps)
-    command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-    with runs.staged(args.out) as stage:
-        from .unlearn import plots
+    out: Path = args.out
+    lock = runs.RunLock(out).acquire() if args.resume is not None else runs.create_out(out)
+    with lock, _StopFlag() as stop:
+        start = time.perf_counter()
+        command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out))
+        record = getattr(args, "recorded", None) or {
+            "command": command,
+            "options": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in _RECORDED
+            },
+            "model": ctx.info.to_json(),
+            "schedule": ctx.schedule.config,
+            "methods": {m: "pending" for m in methods},
+        }
+        if not args.compare:
+            record["generator"] = runs.generator_record(ctx, configs[0])
+        record.update(status="running", resume_command=resume_command, pid=os.getpid())
+        record.pop("error", None)
+        runs.write_json(out / "run.json", record)
+        try:
+            teacher = _teacher_reference(ctx, configs[0], out)
+            results = {}
+            for c in configs:
+                part = out / c.method if args.compare else out
+                if record["methods"].get(c.method) == "done" and (part / "metrics.json").is_file():
+                    results[c.method] = runs.load_result(part)
+                    continue
+                record["methods"][c.method] = "running"
+                runs.write_json(out / "run.json", record)
+                results[c.method] = _run_one(c, ctx, part, teacher, not args.no_progress, stop)
+                if args.compare:
+                    part_record = {k: v for k, v in record.items() if k not in ("methods", "generator")}
+                    part_record.update(
+                        status="done", method=c.method, generator=runs.generator_record(ctx, c)
+                    )
+                    runs.write_json(part / "run.json", part_record)
+                record["methods"][c.method] = "done"
+                runs.write_json(out / "run.json", record)
+            text = runs.table(results, teacher)
+            if args.compare:
+                from .unlearn import plots
 
-        labels = torch.arange(ctx.data.num_classes).repeat_interleave(configs[0].final_samples)
-        plots.sample_grid(
-            stage / "samples_teacher.png", teacher_images, labels, ctx.data.class_names, "teacher (DDIM)"
-        )
-        text = runs.table(results, teacher)
-        if args.compare:
-            for name, r in results.items():
-                r["metrics"]["command"] = command
-                runs.write_run(stage / name, r, ctx, teacher)
-            (stage / "compare.md").write_text(text)
-            runs.write_json(
-                stage / "compare.json", {n: r["metrics"] for n, r in results.items()} | {"teacher": teacher}
+                runs.write_json(
+                    out / "compare.json", {n: r["metrics"] for n, r in results.items()} | {"teacher": teacher}
+                )
+                plots.comparison(out / "compare.png", results, f"forget {configs[0].forget}: pecker vs sfd")
+                from .unlearn import atomic
+
+                atomic.write_text(out / "compare.md", text)
+            else:
+                from .unlearn import atomic
+
+                atomic.write_text(out / "summary.md", text)
+            for c in configs:
+                runs.remove_checkpoint(out / c.method if args.compare else out)
+        except Interrupted as e:
+            record.update(status="interrupted", step=e.step)
+            runs.write_json(out / "run.json", record)
+            print(f"interrupted at step {e.step}; checkpoint in {out}; resume with:\n  {resume_command}")
+            return 128 + e.signum
+        except KeyboardInterrupt:
+            record.update(status="interrupted")
+            runs.write_json(out / "run.json", record)
+            print(f"stopped at once; the last checkpoint in {out} resumes with:\n  {resume_command}")
+            raise
+        except BaseException as e:
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            runs.write_json(out / "run.json", record)
+            print(
+                f"the run failed; what it wrote stays in {out}; after a fix: {resume_command}",
+                file=sys.stderr,
             )
-            plots.comparison(stage / "compare.png", results, f"forget {configs[0].forget}: pecker vs sfd")
-        else:
-            r = results[methods[0]]
-            r["metrics"]["command"] = command
-            runs.write_run(stage, r, ctx, teacher)
-            (stage / "summary.md").write_text(text)
+            raise
+        record.update(status="done")
+        record.pop("pid", None)
+        runs.write_json(out / "run.json", record)
     print(text)
-    print(f"results in {args.out} ({time.perf_counter() - start:.0f} s)")
+    print(f"results in {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
+def _teacher_reference(ctx, config, out: Path) -> dict:
+    """The teacher's DDIM reference, computed once per run folder (teacher.json, samples_teacher.png)."""
+    import json
+
+    from .unlearn import plots, runs
+
+    path = out / "teacher.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    teacher, images, labels = runs.reference(ctx, config)
+    title = f"teacher (DDIM {config.teacher_ddim_steps})"
+    plots.sample_grid(out / "samples_teacher.png", images, labels, ctx.class_names, title)
+    runs.write_json(path, teacher)
+    return teacher
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.out is None:
+    if args.out is None and args.resume is None:
         args.out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     args.compare = True
     return cmd_unlearn(args)
 
 
-def _record_path(path: Path) -> Path:
-    return path.with_suffix(".json")
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Draw ``-n`` samples of one class from a finished run's generator into a PNG grid."""
+    import math
+
+    from .unlearn import plots, runs
+    from .unlearn.diffusion import OneStepGenerator, Schedule
+    from .unlearn.nets import UNET_CLASSES, EpsNet
+
+    _threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    record = runs.read_run(args.run)
+    if "generator" not in record:
+        parts = sorted(p.name for p in Path(args.run).iterdir() if (p / "run.json").is_file())
+        hint = f"; its runs: {', '.join(str(Path(args.run) / p) for p in parts)}" if parts else ""
+        raise ValueError(f"{args.run} holds no single generator{hint}")
+    g = record["generator"]
+    folder = Path(args.run) / g["folder"]
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds no generator yet (run status: {record.get('status')})")
+    if not 0 <= args.class_ < g["num_classes"]:
+        raise ValueError(f"--class must be in [0, {g['num_classes']}), got {args.class_}")
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    schedule = Schedule.from_config(record["schedule"])
+    unet = (
+        UNET_CLASSES[g["class"]]
+        .from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+        .eval()
+    )
+    generator = OneStepGenerator(EpsNet(unet, schedule), schedule, g["t_init"])
+    z = torch.randn((args.n, *g["shape"]), generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        images = torch.cat(
+            [generator(chunk, torch.full((len(chunk),), args.class_)) for chunk in z.split(256)]
+        )
+    columns = min(args.n, 10)
+    rows = math.ceil(args.n / columns)
+    labels = torch.arange(args.n) // columns
+    title = f"class {args.class_} from {args.run} (one step)"
+    plots.sample_grid(Path(args.out), images, labels, ("",) * rows, title, columns=columns)
+    if args.tensor:
+        from .unlearn import atomic
+
+        atomic.write_file(Path(args.tensor), lambda tmp: torch.save(images, tmp))
+    print(f"wrote {args.out}: {args.n} samples of class {args.class_}")
+    return 0
+
+
+def _check_train_args(args: argparse.Namespace, kind: str) -> Path:
+    """The output path, after refusing bad options and anything that would overwrite a checkpoint."""
+    import math
+
+    from .unlearn import checkpoints
+
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    stem = f"{args.dataset.replace('-', '_')}_{kind}"
+    out = Path(args.out) if args.out else Path("runs") / (stem if kind == "teacher" else f"{stem}.pt")
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; give the real path")
+    if out.exists() and not args.force:
+        where = "a packaged checkpoint" if checkpoints.is_packaged(out) else "it"
+        raise ValueError(f"{out} exists ({where}); pass --force to replace it")
+    return out
 
 
 def cmd_train(args: argparse.Namespace, kind: str) -> int:
-    from .unlearn import checkpoints, runs
+    from .unlearn import atomic, checkpoints, runs
     from .unlearn.data import load_dataset
     from .unlearn.train import teacher_samples, train_classifier, train_teacher
 
     _threads(args.threads)
-    out = Path(args.out) if args.out else checkpoints.default_path(args.dataset, kind)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists; pass --force to replace it")
+    out = _check_train_args(args, kind)
     data = load_dataset(args.dataset)
+    if args.batch > len(data.images):
+        raise ValueError(f"--batch {args.batch} is larger than the data set ({len(data.images)} images)")
     command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
     log_every = max(1, args.steps // 20)
 
@@ -250,35 +547,46 @@ def cmd_train(args: argparse.Namespace, kind: str) -> int:
         if step % log_every == 0 or step == args.steps - 1:
             print(f"{kind} step {step + 1}/{args.steps} loss {loss:.4f}", flush=True)
 
+    base = dict(command=command, dataset=args.dataset, torch=str(torch.__version__))
     if kind == "classifier":
         train, test = data.split(test_fraction=0.2, seed=0)
         model, record = train_classifier(
             train, test, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, progress=progress
         )
         print(f"classifier held-out accuracy {record['test_accuracy']:.4f}")
-    else:
-        model, record = train_teacher(
-            data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, progress=progress
-        )
-        cpath = checkpoints.default_path(args.dataset, "classifier")
-        if cpath.is_file():  # how good the teacher is, in the terms the unlearning metrics use
-            from .unlearn.metrics import classify
+        record.update(base, threads=torch.get_num_threads())
+        checkpoints.save(out, model, kind, data.name, record)
+        runs.write_json(out.with_suffix(".json"), record)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+        return 0
 
-            clf = checkpoints.load(cpath, "classifier", data.name, data.image_size, data.num_classes)
-            images, labels = teacher_samples(model, data, 100, steps=50, seed=args.seed)
-            preds, _ = classify(clf, images)
-            record["ddim50_sample_accuracy"] = float((preds == labels).float().mean())
-            record["ddim50_sample_accuracy_by_class"] = {
-                str(c): float((preds[labels == c] == c).float().mean()) for c in range(data.num_classes)
-            }
-            record["accuracy_classifier"] = str(cpath.name)
-            print(f"teacher DDIM-50 sample accuracy {record['ddim50_sample_accuracy']:.4f}")
-    record.update(
-        command=command, dataset=args.dataset, torch=str(torch.__version__), threads=torch.get_num_threads()
+    import diffusers
+
+    from .unlearn import plots
+
+    model, record = train_teacher(
+        data, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, progress=progress
     )
-    checkpoints.save(out, model, kind, data.name, record)
-    runs.write_json(_record_path(out), record)
-    print(f"wrote {out} and {_record_path(out)}")
+    images, labels = teacher_samples(model, data, 100, steps=50, seed=args.seed)
+    cpath = checkpoints.default_path(args.dataset, "classifier")
+    if cpath.is_file():  # how good the teacher is, in the terms the unlearning metrics use
+        from .unlearn.metrics import classify
+
+        clf = checkpoints.load(cpath, "classifier", data.name, data.image_size, data.num_classes)
+        preds, _ = classify(clf, images)
+        record["ddim50_sample_accuracy"] = float((preds == labels).float().mean())
+        record["ddim50_sample_accuracy_by_class"] = {
+            str(c): float((preds[labels == c] == c).float().mean()) for c in range(data.num_classes)
+        }
+        record["accuracy_classifier"] = str(cpath.name)
+        print(f"teacher DDIM-50 sample accuracy {record['ddim50_sample_accuracy']:.4f}")
+    record.update(base, diffusers=diffusers.__version__, threads=torch.get_num_threads())
+    with atomic.folder(out) as stage:
+        model.unet.save_pretrained(stage, safe_serialization=True)
+        runs.write_json(stage / "record.json", record)
+        title = f"teacher, DDIM 50 steps ({args.steps} training steps)"
+        plots.sample_grid(stage / "samples_ddim50.png", images, labels, data.class_names, title)
+    print(f"wrote {out} (diffusers UNet2DModel folder, record.json, samples_ddim50.png)")
     return 0
 
 
@@ -291,7 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unlearn_args(p)
     p = sub.add_parser("demo", help="the default digits comparison, pecker vs sfd (a few CPU minutes)")
     _add_unlearn_args(p, out_required=False)
-    defaults = {"teacher": (3000, 128, 2e-3), "classifier": (1500, 128, 2e-3)}
+    p = sub.add_parser("sample", help="draw samples of one class from a finished run's generator")
+    p.add_argument("--run", type=Path, required=True, help="the run folder (holding run.json, generator/)")
+    p.add_argument("--class", dest="class_", type=int, required=True, help="the class to draw")
+    p.add_argument("-n", type=int, default=20, help="how many samples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
+    p.add_argument("--tensor", type=Path, default=None, help="also save the samples as a torch tensor file")
+    p.add_argument("--threads", type=int, default=None)
+    defaults = {"teacher": (4000, 128, 2e-3), "classifier": (1500, 128, 2e-3)}
     for kind, (steps, batch, lr) in defaults.items():
         p = sub.add_parser(
             f"train-{kind}", help=f"train the {kind} (default: the packaged checkpoint's recipe)"
@@ -301,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch", type=int, default=batch)
         p.add_argument("--lr", type=float, default=lr)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", default=None, help="checkpoint path (default: the packaged one)")
+        where = "a model folder" if kind == "teacher" else "a .pt file"
+        p.add_argument("--out", default=None, help=f"{where} (default: runs/<dataset>_{kind})")
         p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
         p.add_argument("--threads", type=int, default=None)
     return parser
@@ -318,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_unlearn(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "sample":
+            return cmd_sample(args)
         return cmd_train(args, args.command.removeprefix("train-"))
     except (ValueError, DatasetUnavailableError) as e:
         raise SystemExit(f"pecker {args.command}: error: {e}") from e

@@ -1,5 +1,6 @@
-"""The PECKER recipe on a small class-conditional DDPM: score-forgetting distillation into a one-step
-generator whose updates go only to its most salient weights (see /work/shared/RECIPE.md)."""
+"""The PECKER recipe on a class-conditional diffusers DDPM: score-forgetting distillation into a one-step
+generator whose updates go only to its most salient weights (the loop: ``trainer``; the recipe in full:
+docs/RECIPE.md)."""
 
 from .data import DatasetUnavailableError, load_dataset
 from .losses import sid_loss

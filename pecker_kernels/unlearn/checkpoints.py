@@ -1,4 +1,5 @@
-"""Saving and loading the teacher / classifier checkpoints, with checks that they fit the data set."""
+"""The packaged networks and the classifier checkpoints: where they live, saving (atomically) and
+loading them with checks that they fit the data set."""
 
 from __future__ import annotations
 
@@ -8,35 +9,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import atomic
 from .models import build
 
 PACKAGED = Path(__file__).parent / "checkpoints"
 
 
 def default_path(dataset: str, kind: str) -> Path:
-    """Where the shipped (or trained-by-default) checkpoint of ``kind`` ("teacher"/"classifier") lives."""
-    return PACKAGED / f"{dataset.replace('-', '_')}_{kind}.pt"
+    """Where the shipped checkpoint of ``kind`` lives: the teacher is a diffusers model folder
+    (``<dataset>_teacher/``), the classifier a ``.pt`` file."""
+    stem = f"{dataset.replace('-', '_')}_{kind}"
+    return PACKAGED / (stem if kind == "teacher" else f"{stem}.pt")
+
+
+def is_packaged(path: Path | str) -> bool:
+    """Whether ``path`` is (inside) the package's own checkpoint folder."""
+    try:
+        Path(path).resolve().relative_to(PACKAGED.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def save(path: Path | str, model: nn.Module, kind: str, dataset: str, record: dict[str, Any]) -> None:
-    """Write ``{kind, dataset, model config, state_dict, record}`` (fp32)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``{kind, dataset, model config, state_dict, record}`` (fp32) atomically."""
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    torch.save(
-        {"kind": kind, "dataset": dataset, "config": model.config, "state_dict": state, "record": record},
-        path,
-    )
+    blob = {"kind": kind, "dataset": dataset, "config": model.config, "state_dict": state, "record": record}
+    atomic.write_file(Path(path), lambda tmp: torch.save(blob, tmp))
 
 
-_ARCH = {"teacher": "unet", "classifier": "classifier"}
+_ARCH = {"classifier": "classifier"}
 
 
-def load(path: Path | str, kind: str, dataset: str, image_size: int, num_classes: int) -> nn.Module:
-    """The ``kind`` network stored at ``path``; ValueError when it is missing or does not fit the data."""
+def read_config(path: Path | str, kind: str) -> dict[str, Any]:
+    """The checkpoint's ``{kind, dataset, config, ...}`` blob; ValueError when it is missing or not one."""
     path = Path(path)
     if not path.is_file():
-        hint = f"train one with: python -m pecker_kernels train-{kind} --dataset {dataset}"
+        hint = "train one with: python -m pecker_kernels train-" + kind
         raise ValueError(f"no {kind} checkpoint at {path}; {hint}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -46,6 +55,13 @@ def load(path: Path | str, kind: str, dataset: str, image_size: int, num_classes
         raise ValueError(f"{path} is not a pecker_kernels {kind} checkpoint (no config/state_dict)")
     if blob.get("kind") != kind:
         raise ValueError(f"{path} holds a {blob.get('kind')!r} checkpoint, expected a {kind!r} one")
+    return blob
+
+
+def load(path: Path | str, kind: str, dataset: str, image_size: int, num_classes: int) -> nn.Module:
+    """The ``kind`` network stored at ``path``; ValueError when it is missing or does not fit the data."""
+    path = Path(path)
+    blob = read_config(path, kind)
     config = blob["config"]
     if blob.get("dataset") != dataset or config.get("image_size") != image_size:
         raise ValueError(

@@ -1,18 +1,41 @@
-"""DDPM schedule (epsilon prediction, linear betas), the teacher's sampler and the one-step generator."""
+"""The DDPM schedule (diffusers' ``DDPMScheduler``), DDIM sampling for the teacher's reference samples
+(diffusers' ``DDIMScheduler``) and the one-step generator."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 class Schedule:
-    """Linear beta schedule; ``abar[t]`` is prod_{s<=t}(1 - beta_s), t = 0..T-1."""
+    """The forward process of a ``DDPMScheduler`` (default: linear betas 1e-4..0.02, T = 1000):
+    ``abar[t]`` is prod_{s<=t}(1 - beta_s), t = 0..T-1, as the scheduler computes it (float32)."""
 
-    def __init__(self, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
-        self.steps = steps
-        self.betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
-        self.abar = torch.cumprod(1 - self.betas, 0).float()
+    def __init__(self, scheduler: DDPMScheduler | None = None) -> None:
+        self.scheduler = scheduler if scheduler is not None else DDPMScheduler()
+        self.steps = int(self.scheduler.config.num_train_timesteps)
+        self.abar = self.scheduler.alphas_cumprod.detach().float().clone()
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"the scheduler's prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}"
+            )
+        if self.steps < 2 or not torch.isfinite(self.abar).all() or not (self.abar > 0).all():
+            raise ValueError("the scheduler needs T >= 2 and finite, positive alphas_cumprod")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Schedule:
+        return cls(DDPMScheduler.from_config(config))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The scheduler's config (JSON-serialisable): what a run records to reuse its generator."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.scheduler.config).items()}
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(abar_t), sqrt(1 - abar_t)), each shaped (B, 1, 1, 1)."""
@@ -27,6 +50,15 @@ class Schedule:
         s, n = self.coefficients(t)
         return (xt - n * eps) / s
 
+    def eps_from_output(self, xt: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The noise prediction a network with this schedule's ``prediction_type`` makes."""
+        if self.prediction_type == "epsilon":
+            return out
+        s, n = self.coefficients(t)
+        if self.prediction_type == "sample":
+            return (xt - s * out) / n
+        return s * out + n * xt  # v = s eps - n x0
+
 
 @torch.no_grad()
 def ddim_sample(
@@ -37,26 +69,31 @@ def ddim_sample(
     steps: int,
     generator: torch.Generator,
 ) -> Tensor:
-    """Deterministic DDIM (eta = 0) from pure noise: the teacher's samples for the reference metrics."""
+    """Deterministic DDIM (eta = 0, "trailing" time steps from T - 1, x0 clipped to [-1, 1] and the noise
+    recomputed from it) from pure noise: the teacher's samples for the reference metrics. ``net`` maps
+    (x_t, t, c) to the noise prediction."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise ValueError(f"DDIM steps must be >= 1, got {steps}")
+    sampler = DDIMScheduler.from_config(
+        schedule.scheduler.config,
+        timestep_spacing="trailing",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        steps_offset=0,
+    )
+    sampler.set_timesteps(min(steps, schedule.steps))
     x = torch.randn((len(labels), *shape), generator=generator)
-    times = torch.linspace(schedule.steps - 1, 0, steps).round().long()
-    for i, t in enumerate(times):
-        tt = t.repeat(len(labels))
-        s_t, n_t = schedule.coefficients(tt)
-        x0 = ((x - n_t * net(x, tt, labels)) / s_t).clamp(-1, 1)
-        if i + 1 == len(times):
-            return x0
-        # Recompute eps from the clamped x0 so the trajectory stays consistent with it.
-        eps = (x - s_t * x0) / n_t
-        s_next, n_next = schedule.coefficients(times[i + 1].repeat(len(labels)))
-        x = s_next * x0 + n_next * eps
-    return x
+    for t in sampler.timesteps:
+        tt = t.long().repeat(len(labels))
+        x = sampler.step(net(x, tt, labels), int(t), x, eta=0.0, use_clipped_model_output=True).prev_sample
+    return x.clamp(-1, 1)
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, c): the UNet evaluated once at ``t_init`` on x_init = sqrt(1 - abar) z (SFD/SiD's generator)."""
+    """G(z, c): the network evaluated once at ``t_init`` on x_init = sqrt(1 - abar) z (SFD/SiD's
+    generator), returning x0 = (x_init - sqrt(1 - abar) eps) / sqrt(abar)."""
 
     def __init__(self, net: nn.Module, schedule: Schedule, t_init: int = 440) -> None:
         super().__init__()

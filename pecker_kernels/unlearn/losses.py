@@ -1,4 +1,4 @@
-"""The losses of one distillation iteration (RECIPE.md): the pseudo-score's denoising loss and the
+"""The losses of one distillation iteration (docs/RECIPE.md): the pseudo-score's denoising loss and the
 score-identity distillation (SiD) loss of the generator, with SFD's forgetting term."""
 
 from __future__ import annotations

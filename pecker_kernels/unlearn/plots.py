@@ -12,26 +12,37 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from . import atomic
+
+
+def _save(fig, path: Path, **kwargs: Any) -> None:
+    """``fig`` as a PNG at ``path``, written atomically; the figure is closed."""
+    try:
+        atomic.write_file(Path(path), lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+    finally:
+        plt.close(fig)
+
 
 def sample_grid(
     path: Path, images: Tensor, labels: Tensor, class_names: tuple[str, ...], title: str, columns: int = 10
 ) -> None:
     """One row per class, the first ``columns`` samples generated for it (one mosaic image: fast)."""
     rows, size, pad = len(class_names), images.shape[-1], 1
+    channels = 3 if images.shape[1] == 3 else 1  # RGB, or the first channel in gray
     cell = size + pad
-    mosaic = torch.ones(rows * cell + pad, columns * cell + pad)
+    mosaic = torch.ones(channels, rows * cell + pad, columns * cell + pad)
     for r in range(rows):
-        picks = images[labels == r][:columns, 0]
+        picks = images[labels == r][:columns, :channels]
         for c in range(len(picks)):
             top, left = pad + r * cell, pad + c * cell
-            mosaic[top : top + size, left : left + size] = (picks[c].clamp(-1, 1) + 1) / 2
+            mosaic[:, top : top + size, left : left + size] = (picks[c].float().clamp(-1, 1) + 1) / 2
     fig, ax = plt.subplots(figsize=(columns * 0.45 + 0.8, rows * 0.45 + 0.5))
-    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    shown = mosaic[0].numpy() if channels == 1 else mosaic.permute(1, 2, 0).numpy()
+    ax.imshow(shown, cmap="gray" if channels == 1 else None, vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks([pad + r * cell + size / 2 - 0.5 for r in range(rows)], class_names)
     ax.set_xticks([])
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, dpi=100, bbox_inches="tight")
 
 
 def _smooth(values: list[float], window: int = 10) -> list[float]:
@@ -43,17 +54,19 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 def curves(path: Path, result: dict[str, Any], title: str) -> None:
     """Losses per step and forgetting / retain accuracy per evaluation."""
     history, evals, target = result["history"], result["evals"], result["metrics"]["target"]
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 3.5))
+    has_acc = bool(evals["step"])
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.5), squeeze=False)
+    ax_l = axes[0][0]
     ax_l.plot(history["step"], _smooth(history["loss_pseudo"]), label="pseudo-score loss")
     ax_l.plot(history["step"], _smooth(history["loss_generator"]), label="generator SiD loss")
     ax_l.set_xlabel("step")
     ax_l.set_title("losses (10-step mean)")
     ax_l.legend()
-    _accuracy_axes(ax_a, [(result["metrics"]["method"], evals)], target)
+    if has_acc:
+        _accuracy_axes(axes[0][1], [(result["metrics"]["method"], evals)], target)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def _accuracy_axes(ax, runs: list[tuple[str, dict[str, list]]], target: float, x: str = "step") -> None:
@@ -76,5 +89,4 @@ def comparison(path: Path, results: dict[str, dict[str, Any]], title: str) -> No
     _accuracy_axes(ax_t, runs, target, "train_seconds")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)

@@ -15,7 +15,8 @@ from torch import nn
 from .data import Dataset
 from .diffusion import Schedule, ddim_sample
 from .metrics import classify
-from .models import Classifier, UNet
+from .models import Classifier
+from .nets import EpsNet, digits_unet_config
 
 
 def _lr_at(step: int, total: int, lr: float, warmup: int = 100) -> float:
@@ -40,16 +41,17 @@ def train_teacher(
     lr: float = 2e-3,
     ema: float = 0.999,
     seed: int = 0,
-    base: int = 16,
     progress: Callable[[int, float], None] | None = None,
-) -> tuple[UNet, dict[str, Any]]:
-    """A class-conditional epsilon-prediction DDPM; returns the EMA network and a training record."""
+) -> tuple[EpsNet, dict[str, Any]]:
+    """A class-conditional epsilon-prediction DDPM (a diffusers ``UNet2DModel``, ``digits_unet_config``,
+    on the ``DDPMScheduler`` defaults); returns the EMA network and a training record."""
+    from diffusers import UNet2DModel
+
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     schedule = Schedule()
-    net = UNet(
-        image_size=data.image_size, channels=data.images.shape[1], num_classes=data.num_classes, base=base
-    )
+    config = digits_unet_config(data.image_size, int(data.images.shape[1]), data.num_classes)
+    net = EpsNet(UNet2DModel(**config), schedule)
     ema_net = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     batches = _batches(len(data.images), batch, g)
@@ -147,7 +149,16 @@ def teacher_samples(
     teacher: nn.Module, data: Dataset, per_class: int, steps: int = 50, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` DDIM samples of every class from the teacher: (images, labels)."""
-    labels = torch.arange(data.num_classes).repeat_interleave(per_class)
+    return sample_classes(teacher, data.num_classes, tuple(data.images.shape[1:]), per_class, steps, seed)
+
+
+@torch.no_grad()
+def sample_classes(
+    teacher: nn.Module, num_classes: int, shape: tuple[int, ...], per_class: int, steps: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` DDIM samples of each of ``num_classes`` classes: (images, labels)."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
-    images = ddim_sample(teacher, Schedule(), labels, tuple(data.images.shape[1:]), steps, g)
+    schedule = getattr(teacher, "schedule", None) or Schedule()
+    images = ddim_sample(teacher, schedule, labels, shape, steps, g)
     return images, labels

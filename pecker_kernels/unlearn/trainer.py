@@ -1,9 +1,21 @@
-"""The unlearning loop of RECIPE.md: score-forgetting distillation into a one-step generator, with the
-generator's updates masked to its most salient parameters (``pecker``) or not masked (``sfd``)."""
+"""The unlearning loop: score-forgetting distillation of a class-conditional DDPM teacher into a one-step
+generator, with the generator's updates masked to its most salient parameters (``pecker``) or not masked
+(``sfd``).
+
+One iteration (the recipe, docs/RECIPE.md): (1) the pseudo-score network learns the score of the
+generator's current samples (noise-prediction MSE, forget-class rows weighted ``forget_weight``, clip by
+value, Adam); (2) the generator takes the score-identity distillation loss (alpha = 1.2) in which the
+forget-class rows ask the teacher about the override class; (3) the masked, clipped Adam step and EMA
+of the generator (``SalientAdam``). The saliency mask is one-shot (SalUn: |summed forget-loss
+gradient|, top ``ratio``) or reselected every ``refresh_every`` steps.
+
+A run can be checkpointed (``state_dict``) and resumed (``load_state_dict``) bit-identically on the CPU.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,12 +29,28 @@ from ..distributed import is_dtensor
 from ..optim import SalientAdam
 from ..saliency import SaliencyAccumulator
 from . import checkpoints
-from .data import Dataset, load_dataset
+from .data import LOADERS, Dataset, load_dataset
 from .diffusion import OneStepGenerator, Schedule
 from .losses import class_weights, denoising_loss, sid_loss, weighted_mean
 from .metrics import classify, evaluate
+from .nets import EpsNet, ModelInfo, inspect_model, load_model, load_schedule
 
 METHODS = ("pecker", "sfd")
+
+# The command-line option of each config field: error messages name what the user typed.
+OPTION = {
+    "lr_generator": "--lr",
+    "lr_pseudo": "--lr-pseudo",
+    "model": "--model",
+}
+
+
+def option(name: str) -> str:
+    return OPTION.get(name, "--" + name.replace("_", "-"))
+
+
+class NonFiniteLossError(ValueError):
+    """A loss became NaN or infinite: the run stops instead of skipping the step."""
 
 
 @dataclass
@@ -56,17 +84,70 @@ class UnlearnConfig:
     eval_samples: int = 200  # forget-class samples per evaluation during training
     final_samples: int = 100  # per class, for the final metrics
     target: float = 0.05  # forgetting accuracy that counts as forgotten
-    teacher: str | None = None  # checkpoint paths; None: the packaged ones for the data set
-    classifier: str | None = None
+    teacher_ddim_steps: int = 50  # DDIM steps of the teacher's reference samples
+    # A local diffusers folder (model or pipeline); None: the packaged teacher of the data set.
+    model: str | None = None
+    null_class: bool = False  # the model's last class embedding is a null (unconditional) label
+    classifier: str | None = None  # None: the packaged classifier when the model fits its data
+    checkpoint_every: int = 100  # steps between checkpoints of a run folder; 0: only on interrupt
     # Under torchrun: the generator and pseudo-score are sharded with FSDP2 and every rank draws its
     # own samples (the global batch is world_size x batch); the saliency mask is one global top-k.
     distributed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, num_classes: int) -> None:
-        """Raise ValueError on anything that cannot run; called before any work or output."""
+    def validate_options(self) -> None:
+        """Everything that can be checked without the model: ValueError naming the option."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of: {', '.join(METHODS)}")
+        if self.dataset not in LOADERS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of: {', '.join(LOADERS)}")
+        ints = ("steps", "batch", "forget_batch", "eval_every", "eval_samples", "mask_batches")
+        for name in (*ints, "teacher_ddim_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option(name)} must be an integer >= 1, got {value!r}")
+        for name in ("refresh_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{option(name)} must be an integer >= 0, got {value!r}")
+        if self.final_samples < 2:
+            raise ValueError(
+                f"--final-samples must be >= 2 (Frechet needs a covariance), got {self.final_samples}"
+            )
+        floats = {
+            "lr_generator": "> 0",
+            "lr_pseudo": "> 0",
+            "clip_value": "> 0",
+            "forget_weight": ">= 0",
+            "alpha": "any",
+            "ema": "[0, 1)",
+            "ratio": "(0, 1]",
+            "target": "(0, 1)",
+        }
+        for name, allowed in floats.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{option(name)} must be a finite number, got {value!r}")
+            ok = {
+                "> 0": value > 0,
+                ">= 0": value >= 0,
+                "any": True,
+                "[0, 1)": 0 <= value < 1,
+                "(0, 1]": 0 < value <= 1,
+                "(0, 1)": 0 < value < 1,
+            }[allowed]
+            if not ok:
+                where = allowed if allowed[0] in "<>" else f"in {allowed}"
+                raise ValueError(f"{option(name)} must be {where}, got {value}")
+        if isinstance(self.forget, bool) or not isinstance(self.forget, int):
+            raise ValueError(f"forget class must be an integer, got {self.forget!r}")
+        if self.override is not None and self.override != "random":
+            if isinstance(self.override, bool) or not isinstance(self.override, int):
+                raise ValueError(f"override must be a class index or 'random', got {self.override!r}")
+
+    def validate(self, num_classes: int, timesteps: int = 1000) -> None:
+        """Raise ValueError on anything that cannot run; called before any work or output."""
+        self.validate_options()
         if (
             isinstance(self.forget, bool)
             or not isinstance(self.forget, int)
@@ -74,8 +155,6 @@ class UnlearnConfig:
         ):
             raise ValueError(f"forget class must be an integer in [0, {num_classes}), got {self.forget!r}")
         if self.override is not None and self.override != "random":
-            if isinstance(self.override, bool) or not isinstance(self.override, int):
-                raise ValueError(f"override must be a class index or 'random', got {self.override!r}")
             if not 0 <= self.override < num_classes:
                 raise ValueError(f"override class must be in [0, {num_classes}), got {self.override}")
             if self.override == self.forget:
@@ -83,19 +162,8 @@ class UnlearnConfig:
                     f"override class {self.override} equals the forget class: the forgotten class's score "
                     "must be replaced by another class's"
                 )
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        for name in ("steps", "batch", "forget_batch", "eval_every", "eval_samples", "mask_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.final_samples < 2:
-            raise ValueError(
-                f"final_samples must be >= 2 (Frechet needs a covariance), got {self.final_samples}"
-            )
-        if self.refresh_every < 0:
-            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
-        if not 0 <= self.t_min < self.t_max <= 1000 or not 0 <= self.t_init < 1000:
-            raise ValueError("need 0 <= t_min < t_max <= 1000 and 0 <= t_init < 1000")
+        if not 0 <= self.t_min < self.t_max <= timesteps or not 0 <= self.t_init < timesteps:
+            raise ValueError(f"need 0 <= t_min < t_max <= {timesteps} and 0 <= t_init < {timesteps}")
 
     def override_class(self) -> int | None:
         return None if self.override == "random" else self.override
@@ -103,35 +171,113 @@ class UnlearnConfig:
 
 @dataclass
 class Context:
-    """What the runs of one invocation share: data, frozen networks, real features."""
+    """What the runs of one invocation share: the frozen teacher, its schedule, and (when a classifier
+    of the model's data is available) the classifier, the data and its real features."""
 
-    data: Dataset
-    teacher: nn.Module
-    classifier: nn.Module
-    real_features: dict[int, Tensor]
-    teacher_path: Path
-    classifier_path: Path
+    teacher: EpsNet
+    schedule: Schedule
+    info: ModelInfo
+    class_names: tuple[str, ...]
+    classifier: nn.Module | None = None
+    data: Dataset | None = None
+    real_features: dict[int, Tensor] | None = None
+    classifier_path: Path | None = None
+    metrics_note: str | None = None  # why there are no metrics, when there are none
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.info.shape
+
+    @property
+    def model_path(self) -> Path:
+        return self.info.path
+
+
+def model_path(config: UnlearnConfig) -> Path:
+    """``config.model``, or the packaged teacher of ``config.dataset`` (ValueError when none ships)."""
+    if config.model:
+        return Path(config.model)
+    path = checkpoints.default_path(config.dataset, "teacher")
+    if not path.is_dir():
+        raise ValueError(
+            f"no packaged teacher for {config.dataset!r}; pass --model DIR (a diffusers folder) or train "
+            f"one: python -m pecker_kernels train-teacher --dataset {config.dataset} --out DIR"
+        )
+    return path
+
+
+def _classifier(config: UnlearnConfig, info: ModelInfo) -> tuple[Path | None, str | None]:
+    """The classifier checkpoint to use (None: metrics off) and, when off, why."""
+    shape = f"{info.channels}x{info.image_size}x{info.image_size}, {info.num_classes} classes"
+    if config.classifier:
+        path = Path(config.classifier)
+        blob = checkpoints.read_config(path, "classifier")
+        c = blob["config"]
+        got = (c.get("channels", 1), c.get("image_size"), c.get("num_classes"))
+        if got != (info.channels, info.image_size, info.num_classes):
+            raise ValueError(
+                f"--classifier {path} classifies {got[0]}x{got[1]}x{got[1]} images into {got[2]} classes; "
+                f"the model makes {shape}"
+            )
+        return path, None
+    path = checkpoints.default_path(config.dataset, "classifier")
+    note = (
+        f"no classifier for this model's data ({shape}): no accuracies or Frechet distances, only "
+        "losses and sample grids; pass --classifier PATH (python -m pecker_kernels train-classifier)"
+    )
+    if not path.is_file():
+        return None, note
+    c = checkpoints.read_config(path, "classifier")["config"]
+    if (c.get("channels", 1), c.get("image_size"), c.get("num_classes")) != (
+        info.channels,
+        info.image_size,
+        info.num_classes,
+    ):
+        return None, note
+    return path, None
 
 
 def prepare(config: UnlearnConfig) -> Context:
-    """Load the data set and checkpoints and validate ``config`` against them (ValueError on mismatch)."""
-    data = load_dataset(config.dataset)
+    """Check every option, the model folder and the classifier, then load them (ValueError on anything
+    that does not fit): all of it before any training or output."""
+    config.validate_options()
+    info = inspect_model(model_path(config), config.null_class)
     if config.override is None:
-        config.override = (config.forget + 1) % data.num_classes if isinstance(config.forget, int) else None
-    config.validate(data.num_classes)
-    tpath = Path(config.teacher) if config.teacher else checkpoints.default_path(config.dataset, "teacher")
-    cpath = (
-        Path(config.classifier)
-        if config.classifier
-        else checkpoints.default_path(config.dataset, "classifier")
-    )
-    teacher = checkpoints.load(tpath, "teacher", data.name, data.image_size, data.num_classes)
-    classifier = checkpoints.load(cpath, "classifier", data.name, data.image_size, data.num_classes)
-    teacher.requires_grad_(False)
-    classifier.requires_grad_(False)
-    _, feats = classify(classifier, data.images)
-    real = {c: feats[data.labels == c] for c in range(data.num_classes)}
-    return Context(data, teacher, classifier, real, tpath, cpath)
+        config.override = (config.forget + 1) % info.num_classes
+    schedule = load_schedule(info)
+    config.validate(info.num_classes, schedule.steps)
+    cpath, note = _classifier(config, info)
+    data = classifier = real = None
+    names = tuple(str(c) for c in range(info.num_classes))
+    if cpath is not None:
+        data = load_dataset(config.dataset)
+        if data.num_classes != info.num_classes or tuple(data.images.shape[1:]) != info.shape:
+            raise ValueError(
+                f"the {config.dataset!r} data set ({data.num_classes} classes of "
+                f"{'x'.join(map(str, data.images.shape[1:]))}) does not fit the model ({info.num_classes} "
+                f"classes of {'x'.join(map(str, info.shape))}); pass --dataset of the model's data"
+            )
+        classifier = checkpoints.load(cpath, "classifier", data.name, data.image_size, data.num_classes)
+        classifier.requires_grad_(False)
+        _, feats = classify(classifier, data.images)
+        real = {c: feats[data.labels == c] for c in range(data.num_classes)}
+        names = data.class_names
+    teacher, schedule, info = load_model(info.path, config.null_class)
+    check_backend(config.backend)
+    return Context(teacher, schedule, info, names, classifier, data, real, cpath, note)
+
+
+def check_backend(backend: str) -> None:
+    """ValueError now, not at the first step, when the optimizer cannot run on ``backend`` here."""
+    probe = nn.Parameter(torch.zeros(4))
+    try:
+        SalientAdam([probe], lr=1e-3, backend=backend)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"--backend {backend}: {e}") from e
 
 
 class _Timer:
@@ -147,15 +293,15 @@ class _Timer:
 
 
 class Distiller:
-    """One unlearning run. ``run()`` returns the metrics dict and the before/after sample tensors."""
+    """One unlearning run: ``setup()`` (initial metrics, the one-shot mask), ``train()`` (resumable; a
+    checkpoint is ``state_dict()``), ``finish()`` (final metrics). ``run()`` does all three."""
 
     def __init__(self, config: UnlearnConfig, ctx: Context) -> None:
         self.cfg, self.ctx = config, ctx
-        data = ctx.data
-        self.num_classes = data.num_classes
-        self.shape = tuple(data.images.shape[1:])
+        self.num_classes = ctx.num_classes
+        self.shape = tuple(ctx.shape)
         self.remaining = torch.tensor([c for c in range(self.num_classes) if c != config.forget])
-        self.schedule = Schedule()
+        self.schedule = ctx.schedule
         torch.manual_seed(config.seed)
         self.rank = torch.distributed.get_rank() if config.distributed else 0
         # All sampling in the loop draws from it; each rank draws its own part of the global batch.
@@ -191,6 +337,26 @@ class Distiller:
         self.eval_z = torch.randn((config.eval_samples, *self.shape), generator=eval_g)
         self.final_labels = torch.arange(self.num_classes).repeat_interleave(config.final_samples)
         self.final_z = torch.randn((len(self.final_labels), *self.shape), generator=eval_g)
+        # Progress: what a checkpoint holds besides the networks and optimizers.
+        self.step = 0
+        self.timer = _Timer()
+        self.history: dict[str, list] = {"step": [], "loss_pseudo": [], "loss_generator": []}
+        self.evals: dict[str, list] = {
+            "step": [],
+            "train_seconds": [],
+            "forget_accuracy": [],
+            "retain_accuracy": [],
+        }
+        self.setup_seconds = self.train_seconds = self.loop_seconds = 0.0
+        self.steps_to_forget: int | None = None
+        self.time_to_forget: float | None = None
+        self.initial: dict[str, Any] | None = None
+        self.before: Tensor | None = None
+        self.last_forget_accuracy = float("nan")
+
+    @property
+    def has_metrics(self) -> bool:
+        return self.ctx.classifier is not None
 
     # ---- sampling helpers ------------------------------------------------------------------------
 
@@ -263,6 +429,34 @@ class Distiller:
         self._load_ema()
         return self.eval_generator(self.final_z, self.final_labels)
 
+    def _evaluate(self, samples: Tensor) -> dict[str, Any]:
+        if not self.has_metrics:
+            return {
+                "forget_accuracy": None,
+                "retain_accuracy": None,
+                "per_class_accuracy": None,
+                "frechet": None,
+                "note": self.ctx.metrics_note,
+            }
+        ctx = self.ctx
+        return evaluate(
+            ctx.classifier, samples, self.final_labels, ctx.real_features, self.cfg.forget, self.num_classes
+        )
+
+    def _record_eval(self) -> None:
+        if not self.has_metrics:
+            return
+        t0 = time.perf_counter()
+        fa, ra = self._quick_eval()
+        self.timer.add("eval", t0)
+        self.evals["step"].append(self.step)
+        self.evals["train_seconds"].append(self.train_seconds)
+        self.evals["forget_accuracy"].append(fa)
+        self.evals["retain_accuracy"].append(ra)
+        if self.steps_to_forget is None and fa < self.cfg.target:
+            self.steps_to_forget, self.time_to_forget = self.step, self.train_seconds
+        self.last_forget_accuracy = fa
+
     # ---- the loop --------------------------------------------------------------------------------
 
     def one_shot_mask(self) -> None:
@@ -280,103 +474,97 @@ class Distiller:
         self.opt_g.compute_mask(acc.gradients())
         self.opt_g.zero_grad(set_to_none=True)
 
-    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-        cfg, timer = self.cfg, _Timer()
-        history: dict[str, list] = {"step": [], "loss_pseudo": [], "loss_generator": []}
-        evals: dict[str, list] = {
-            "step": [],
-            "train_seconds": [],
-            "forget_accuracy": [],
-            "retain_accuracy": [],
-        }
-
-        before = self.final_samples()
-        initial = evaluate(
-            self.ctx.classifier,
-            before,
-            self.final_labels,
-            self.ctx.real_features,
-            cfg.forget,
-            self.num_classes,
-        )
-
+    def setup(self) -> None:
+        """The generator's metrics before unlearning, the mask (one-shot pecker; all-ones sfd) and the
+        evaluation at step 0."""
+        cfg = self.cfg
+        self.before = self.final_samples()
+        self.initial = self._evaluate(self.before)
         start = time.perf_counter()
         if cfg.method == "pecker" and cfg.refresh_every == 0:
             self.one_shot_mask()
         elif cfg.method == "sfd":
             self.opt_g.set_masks([torch.ones_like(p, dtype=torch.bool) for p in self.gen_params])
-        setup_seconds = time.perf_counter() - start
-        train_seconds = setup_seconds  # what time-to-forget counts: setup + training steps, no evaluation
+        self.setup_seconds = time.perf_counter() - start
+        # What time-to-forget counts: setup + training steps, no evaluation.
+        self.train_seconds = self.setup_seconds
+        self._record_eval()
 
-        steps_to_forget = time_to_forget = None
+    def _check_finite(self, loss: Tensor, what: str) -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the {what} loss is {value} (not finite); the run stopped rather "
+                "than skip the step (check --lr, --lr-pseudo, --alpha, --forget-weight)"
+            )
+        return value
 
-        def record_eval(step: int) -> float:
-            nonlocal steps_to_forget, time_to_forget
+    def train_step(self) -> None:
+        cfg, timer = self.cfg, self.timer
+        t0 = time.perf_counter()
+        labels, teacher_labels, _, weights = self._labels()
+        # 1. pseudo-score: learn the score of the generator's current samples.
+        loss_p = self.pseudo_loss(labels, weights)
+        lp = self._check_finite(loss_p, "pseudo-score")
+        self.opt_p.zero_grad(set_to_none=True)
+        loss_p.backward()
+        t1 = timer.add("forward_backward", t0)
+        nn.utils.clip_grad_value_(self.pseudo.parameters(), cfg.clip_value)
+        self.opt_p.step()
+        t2 = timer.add("pseudo_update", t1)
+        # 2. generator: SiD loss + forgetting term; no gradient into teacher or pseudo-score weights.
+        self.pseudo.requires_grad_(False)
+        loss_g = self.generator_loss(labels, teacher_labels, weights)
+        lg = self._check_finite(loss_g, "generator")
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.pseudo.requires_grad_(True)
+        t3 = timer.add("forward_backward", t2)
+        # 3. saliency mask (pecker with a refresh schedule), then the masked, clipped Adam step + EMA.
+        if cfg.method == "pecker" and cfg.refresh_every > 0 and self.step % cfg.refresh_every == 0:
+            self.opt_g.compute_mask()
+            t3 = timer.add("mask", t3)
+        self.opt_g.step()
+        timer.add("update", t3)
+        elapsed = time.perf_counter() - t0
+        self.train_seconds += elapsed
+        self.step += 1
+        self.history["step"].append(self.step)
+        self.history["loss_pseudo"].append(lp)
+        self.history["loss_generator"].append(lg)
+        if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            self._record_eval()
+
+    def train(
+        self,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        after_step: Callable[[Distiller], None] | None = None,
+    ) -> None:
+        """Steps from the current one to ``cfg.steps``; ``after_step`` runs after each (checkpoints,
+        interruption)."""
+        while self.step < self.cfg.steps:
             t0 = time.perf_counter()
-            fa, ra = self._quick_eval()
-            timer.add("eval", t0)
-            evals["step"].append(step)
-            evals["train_seconds"].append(train_seconds)
-            evals["forget_accuracy"].append(fa)
-            evals["retain_accuracy"].append(ra)
-            if steps_to_forget is None and fa < cfg.target:
-                steps_to_forget, time_to_forget = step, train_seconds
-            return fa
-
-        fa = record_eval(0)
-        wall_start = time.perf_counter()
-        for step in range(1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            labels, teacher_labels, _, weights = self._labels()
-            # 1. pseudo-score: learn the score of the generator's current samples.
-            loss_p = self.pseudo_loss(labels, weights)
-            self.opt_p.zero_grad(set_to_none=True)
-            loss_p.backward()
-            t1 = timer.add("forward_backward", t0)
-            nn.utils.clip_grad_value_(self.pseudo.parameters(), cfg.clip_value)
-            self.opt_p.step()
-            t2 = timer.add("pseudo_update", t1)
-            # 2. generator: SiD loss + forgetting term; no gradient into teacher or pseudo-score weights.
-            self.pseudo.requires_grad_(False)
-            loss_g = self.generator_loss(labels, teacher_labels, weights)
-            self.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            self.pseudo.requires_grad_(True)
-            t3 = timer.add("forward_backward", t2)
-            # 3. saliency mask (pecker with a refresh schedule), then the masked, clipped Adam step + EMA.
-            if cfg.method == "pecker" and cfg.refresh_every > 0 and (step - 1) % cfg.refresh_every == 0:
-                self.opt_g.compute_mask()
-                t3 = timer.add("mask", t3)
-            self.opt_g.step()
-            timer.add("update", t3)
-            train_seconds += time.perf_counter() - t0
-
-            history["step"].append(step)
-            history["loss_pseudo"].append(float(loss_p.detach()))
-            history["loss_generator"].append(float(loss_g.detach()))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                fa = record_eval(step)
+            self.train_step()
+            self.loop_seconds += time.perf_counter() - t0  # evaluation included: the wall clock
             if on_step is not None:
                 on_step(
-                    step,
+                    self.step,
                     {
-                        "loss_p": history["loss_pseudo"][-1],
-                        "loss_g": history["loss_generator"][-1],
-                        "forget_acc": fa,
+                        "loss_p": self.history["loss_pseudo"][-1],
+                        "loss_g": self.history["loss_generator"][-1],
+                        "forget_acc": self.last_forget_accuracy,
                     },
                 )
-        wall_seconds = setup_seconds + time.perf_counter() - wall_start
+            if after_step is not None:
+                after_step(self)
 
+    def finish(self) -> dict[str, Any]:
+        """Final metrics of the EMA generator; returns the result dict (metrics, history, evals, before
+        and after samples)."""
+        cfg = self.cfg
         after = self.final_samples()
-        final = evaluate(
-            self.ctx.classifier,
-            after,
-            self.final_labels,
-            self.ctx.real_features,
-            cfg.forget,
-            self.num_classes,
-        )
-        per_step = {k: v / cfg.steps for k, v in timer.seconds.items() if k != "eval"}
+        final = self._evaluate(after)
+        per_step = {k: v / max(1, self.step) for k, v in self.timer.seconds.items() if k != "eval"}
         mask_fraction = float(
             sum(int(_full(m).sum()) for m in self.opt_g.masks()) / sum(p.numel() for p in self.gen_params)
         )
@@ -385,25 +573,89 @@ class Distiller:
             "forget_class": cfg.forget,
             "override_class": cfg.override,
             **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "frechet", "per_class_accuracy")},
+            "metrics_note": self.ctx.metrics_note,
             "steps": cfg.steps,
-            "wall_seconds": wall_seconds,
-            "train_seconds": train_seconds,
-            "setup_seconds": setup_seconds,
-            "eval_seconds": timer.seconds.get("eval", 0.0),
-            "steps_to_forget": steps_to_forget,
-            "time_to_forget_seconds": time_to_forget,
+            "wall_seconds": self.setup_seconds + self.loop_seconds,
+            "train_seconds": self.train_seconds,
+            "setup_seconds": self.setup_seconds,
+            "eval_seconds": self.timer.seconds.get("eval", 0.0),
+            "steps_to_forget": self.steps_to_forget,
+            "time_to_forget_seconds": self.time_to_forget,
             "target": cfg.target,
             "per_step_seconds": per_step,
             "updated_fraction": mask_fraction,
             "generator_parameters": sum(p.numel() for p in self.gen_params),
-            "initial": initial,
+            "initial": self.initial,
             "config": asdict(cfg),
-            "teacher_checkpoint": str(self.ctx.teacher_path),
-            "classifier_checkpoint": str(self.ctx.classifier_path),
+            "model": self.ctx.info.to_json(),
+            "classifier_checkpoint": None
+            if self.ctx.classifier_path is None
+            else str(self.ctx.classifier_path),
             "threads": torch.get_num_threads(),
             "world_size": torch.distributed.get_world_size() if cfg.distributed else 1,
         }
-        return {"metrics": metrics, "history": history, "evals": evals, "before": before, "after": after}
+        return {
+            "metrics": metrics,
+            "history": self.history,
+            "evals": self.evals,
+            "before": self.before,
+            "after": after,
+        }
+
+    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        self.setup()
+        self.train(on_step)
+        return self.finish()
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the loop needs to continue bit-identically: both networks, both optimizers (the
+        generator's with its masks and EMA), every random state, the step and the history."""
+        if self.cfg.distributed:
+            raise ValueError("checkpoints of --distributed runs are not supported")
+        return {
+            "step": self.step,
+            "generator": {k: v.detach().clone() for k, v in self.generator.net.state_dict().items()},
+            "pseudo": {k: v.detach().clone() for k, v in self.pseudo.state_dict().items()},
+            "opt_g": copy.deepcopy(self.opt_g.state_dict()),
+            "opt_p": copy.deepcopy(self.opt_p.state_dict()),
+            "rng": {"loop": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "history": copy.deepcopy(self.history),
+            "evals": copy.deepcopy(self.evals),
+            "progress": {
+                "timer": dict(self.timer.seconds),
+                "setup_seconds": self.setup_seconds,
+                "train_seconds": self.train_seconds,
+                "loop_seconds": self.loop_seconds,
+                "steps_to_forget": self.steps_to_forget,
+                "time_to_forget": self.time_to_forget,
+                "last_forget_accuracy": self.last_forget_accuracy,
+            },
+            "initial": self.initial,
+            "before": self.before,
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``: the opposite of ``setup()`` plus the steps done so far."""
+        self.generator.net.load_state_dict(state["generator"])
+        self.pseudo.load_state_dict(state["pseudo"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_p.load_state_dict(state["opt_p"])
+        self.gen.set_state(state["rng"]["loop"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step = int(state["step"])
+        self.history, self.evals = state["history"], state["evals"]
+        progress = state["progress"]
+        self.timer.seconds = dict(progress["timer"])
+        self.setup_seconds = progress["setup_seconds"]
+        self.train_seconds = progress["train_seconds"]
+        self.loop_seconds = progress["loop_seconds"]
+        self.steps_to_forget = progress["steps_to_forget"]
+        self.time_to_forget = progress["time_to_forget"]
+        self.last_forget_accuracy = progress["last_forget_accuracy"]
+        self.initial, self.before = state["initial"], state["before"]
 
 
 def _full(t: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""The SiD loss against a direct, element-by-element implementation of RECIPE.md's formula."""
+"""The SiD loss against a direct, element-by-element implementation of the recipe's formula
+(docs/RECIPE.md)."""
 
 import math
 
