@@ -2,12 +2,14 @@
 (docs/RECIPE.md)."""
 
 import math
+import types
 
 import pytest
 import torch
 
-from pecker_kernels.unlearn.diffusion import OneStepGenerator, Schedule
+from pecker_kernels.unlearn.diffusion import OneStepGenerator, Schedule, ddim_sample
 from pecker_kernels.unlearn.losses import class_weights, denoising_loss, sid_loss, weighted_mean
+from pecker_kernels.unlearn.nets import EpsNet
 
 
 def direct_sid(x0, f_t, f_p, alpha):
@@ -73,3 +75,55 @@ def test_schedule_and_one_step_generator():
     a = s.abar[440]
     # eps = 0: G(z) = sqrt(1 - abar) z / sqrt(abar)
     torch.testing.assert_close(OneStepGenerator(Zero(), s, 440)(z, None), (1 - a).sqrt() * z / a.sqrt())
+
+
+def test_schedule_is_ddpm_schedulers_defaults():
+    from diffusers import DDPMScheduler
+
+    s = Schedule()
+    assert s.steps == 1000 and s.prediction_type == "epsilon"
+    torch.testing.assert_close(s.abar, DDPMScheduler().alphas_cumprod, rtol=0, atol=0)
+
+
+class _Stub(torch.nn.Module):
+    """A stand-in UNet: its output is whatever ``fn(x, t)`` says, wrapped like diffusers' output."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, class_labels=None):
+        return types.SimpleNamespace(sample=self.fn(x, t))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_eps_net_turns_every_prediction_type_into_noise(prediction_type):
+    from diffusers import DDPMScheduler
+
+    s = Schedule(DDPMScheduler(prediction_type=prediction_type))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    t = torch.tensor([10, 400, 900])
+    a, n = s.coefficients(t)
+    target = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - n * x0}[prediction_type]
+    net = EpsNet(_Stub(lambda x, t: target), s)
+    torch.testing.assert_close(net(s.q_sample(x0, t, eps), t, None), eps, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_sampling_follows_the_deterministic_update_from_t_minus_1():
+    s = Schedule()
+    net = EpsNet(_Stub(lambda x, t: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1) / 1000), s)
+    labels = torch.zeros(4, dtype=torch.long)
+    got = ddim_sample(net, s, labels, (1, 4, 4), 2, torch.Generator().manual_seed(5))
+    x = torch.randn((4, 1, 4, 4), generator=torch.Generator().manual_seed(5))
+    for t, t_next in [(999, 499), (499, None)]:  # two "trailing" steps: T - 1, then T / 2 - 1
+        tt = torch.full((4,), t)
+        a, n = s.coefficients(tt)
+        x0 = ((x - n * net(x, tt, labels)) / a).clamp(-1, 1)
+        if t_next is None:
+            x = x0
+            break
+        eps = (x - a * x0) / n  # the noise that goes with the clipped x0
+        a_next, n_next = s.coefficients(torch.full((4,), t_next))
+        x = a_next * x0 + n_next * eps
+    torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
