@@ -388,7 +388,8 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
                 runs.write_json(out / "run.json", record)
                 results[c.method] = _run_one(c, ctx, part, teacher, not args.no_progress, stop)
                 if args.compare:
-                    part_record = {k: v for k, v in record.items() if k not in ("methods", "generator")}
+                    skip = ("methods", "generator", "pid", "resume_command")
+                    part_record = {k: v for k, v in record.items() if k not in skip}
                     part_record.update(
                         status="done", method=c.method, generator=runs.generator_record(ctx, c)
                     )

@@ -140,6 +140,9 @@ def inspect_model(path: Path | str, null_class: bool = False) -> ModelInfo:
                 f"{unet_folder} has cross-attention blocks (it needs encoder states, e.g. text); the recipe "
                 "conditions on class labels only"
             )
+        extra = {k: config.get(k) for k in ("addition_embed_type", "encoder_hid_dim") if config.get(k)}
+        if extra:
+            raise ValueError(f"{unet_folder} needs more conditioning than class labels ({extra})")
         channels, size = config.get("in_channels"), config.get("sample_size")
     else:
         channels, size = config.get("in_channels"), config.get("sample_size")

@@ -169,3 +169,31 @@ def test_second_run_into_a_locked_folder_is_refused_at_the_start(rgb_model, tmp_
         with pytest.raises(SystemExit, match=r"another run \(pid \d+\) is working in"):
             main(["unlearn", "--model", str(rgb_model), *FAST, "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_compare_interrupted_in_its_second_method_resumes_only_that_one(rgb_model, tmp_path, monkeypatch):
+    argv = ["unlearn", "--model", str(rgb_model), "--compare", *FAST]
+    whole = tmp_path / "whole"
+    assert main([*argv, "--out", str(whole)]) == 0
+
+    real_step = Distiller.train_step
+
+    def sigterm_in_sfd(self):
+        real_step(self)
+        if self.cfg.method == "sfd" and self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(Distiller, "train_step", sigterm_in_sfd)
+    assert main([*argv, "--out", str(cut)]) == 128 + signal.SIGTERM
+    methods = json.loads((cut / "run.json").read_text())["methods"]
+    assert methods == {"pecker": "done", "sfd": "running"}
+    pecker_written = (cut / "pecker" / "generator").stat().st_mtime_ns
+
+    monkeypatch.setattr(Distiller, "train_step", real_step)
+    assert main(["unlearn", "--resume", str(cut), "--no-progress"]) == 0
+    assert (cut / "pecker" / "generator").stat().st_mtime_ns == pecker_written  # not run again
+    assert (cut / "compare.md").is_file() and (cut / "compare.png").is_file()
+    for method in ("pecker", "sfd"):
+        expected, got = generator_weights(whole / method), generator_weights(cut / method)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
