@@ -8,7 +8,7 @@ Run this file directly to see the per-kernel report.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-KERNELS_FILE = Path(__file__).parents[1] / "pecker_kernels" / "backends" / "triton_kernels.py"
 ARCH = 90
 BLOCK = 1024  # as in pecker_kernels/backends/triton.py
 NUM_WARPS = 4
@@ -74,6 +73,7 @@ def _cases(tl, passes):
             NESTEROV=False,
             MOMENTUM_INIT=False,
             EMA=False,
+            MAXIMIZE=False,
             MASK_IN=False,
             MASK_OUT=False,
             HAS_SCALARS=False,
@@ -85,6 +85,7 @@ def _cases(tl, passes):
             dict(KIND=2, NESTEROV=True, L2=True, EMA=True),
             dict(KIND=2, MOMENTUM_INIT=True, MASK_IN=True),
             dict(KIND=2, HAS_M=False),
+            dict(KIND=1, MAXIMIZE=True, CLIP=True, HAS_SCALARS=True),
             # Device step scalars: Adam with everything on, SGD with the run-time momentum_init.
             dict(WEIGHTED=True, CLIP=True, EMA=True, MASK_OUT=True, HAS_SCALARS=True),
             dict(KIND=2, L2=True, EMA=True, MASK_IN=True, MASK_OUT=True, HAS_SCALARS=True),
@@ -118,9 +119,7 @@ def _compile_all() -> list[dict]:
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    spec = importlib.util.spec_from_file_location("_pecker_triton_kernels", KERNELS_FILE)
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
+    kernels = importlib.import_module("pecker_kernels.backends.triton_kernels")
     ptxas = _ptxas(triton)
     records = []
     with tempfile.TemporaryDirectory() as tmp:

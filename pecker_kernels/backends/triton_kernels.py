@@ -108,9 +108,7 @@ def _histogram_kernel(
         bits = _score_bits(g_ptr, w_ptr, offs, inb, WEIGHTED)
         keep = inb & (bits < INF_BITS) & ((bits >> PREFIX_SHIFT) == prefix)
         digit = tl.where(keep, (bits >> DIGIT_SHIFT) & (NUM_BINS - 1), 0)
-        hist += tl.histogram(digit, NUM_BINS)
-        # Dropped elements were counted in bin 0: take them back out (no masked histogram in old Triton).
-        hist -= tl.where(bins == 0, BLOCK - tl.sum(keep.to(tl.int32)), 0)
+        hist += tl.histogram(digit, NUM_BINS, mask=keep)
     tl.atomic_add(hist_ptr + segment * NUM_BINS + bins, hist, mask=hist > 0)
 
 
