@@ -126,7 +126,7 @@ class _ScopePlan:
 class _SalientOptimizer(Optimizer):
     """Shared machinery: scopes, selection schedule, masks, EMA. Subclasses say how to build a step."""
 
-    kind: str
+    _moment_keys: tuple[str, ...]  # every moment the optimizer can keep (saved state may hold only these)
     # torch.amp.GradScaler then hands over grad_scale / found_inf instead of unscaling and syncing.
     _step_supports_amp_scaling = True
 
@@ -276,7 +276,8 @@ class _SalientOptimizer(Optimizer):
             self._check_group({**saved, "params": group["params"]}, index)
             for position, (param_id, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
                 if param_id in state_dict["state"]:
-                    _check_saved_state(_where(saved, index, position), state_dict["state"][param_id], p)
+                    where = _where(saved, index, position)
+                    _check_saved_state(where, state_dict["state"][param_id], p, self._moment_keys)
 
     def _load_param_state(self, group: dict[str, Any], p: Tensor, saved: Mapping[str, Any]) -> None:
         """One parameter's checked saved state, as this optimizer keeps it (copies, own dtypes)."""
@@ -602,6 +603,8 @@ class _SalientOptimizer(Optimizer):
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"mask {i} has shape {shape}; its parameter has shape {tuple(p.shape)}")
             values = _local(mask)
+            if values.device.type == "meta":
+                raise ValueError(f"mask {i} is on the meta device and holds no values")
             if values.is_complex() or not bool(((values == 0) | (values == 1)).all()):
                 raise ValueError(f"mask {i} holds values other than 0 and 1 (or True/False)")
             packed.append(eager.pack((values != 0).reshape(-1).to(shard.device)))
@@ -623,6 +626,10 @@ class _SalientOptimizer(Optimizer):
         in param-group order. Default: each parameter's ``.grad`` (zeros where there is none)."""
         params = self._all_params()
         if grads is None:
+            if all(p.grad is None for p in params):
+                raise ValueError(
+                    "compute_mask() found no .grad on any parameter: run backward first, or pass grads"
+                )
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         grads = _per_param("grads", grads, params, named_parameters)
         checked = [_check_given_grad(i, g, p) for i, (g, p) in enumerate(zip(grads, params, strict=True))]
@@ -659,6 +666,8 @@ class _SalientOptimizer(Optimizer):
 class SalientAdam(_SalientOptimizer):
     """Adam (L2 weight decay added to the gradient, or AdamW's decoupled decay with
     ``decoupled_weight_decay=True``) that updates only the most salient elements. See module doc."""
+
+    _moment_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -804,6 +813,8 @@ class SalientAdamW(SalientAdam):
 
 class SalientSGD(_SalientOptimizer):
     """SGD with momentum / dampening / nesterov that updates only the most salient elements."""
+
+    _moment_keys = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -980,10 +991,16 @@ def _per_param(
     return values
 
 
-def _check_saved_state(where: str, state: Any, p: Tensor) -> None:
+def _check_saved_state(where: str, state: Any, p: Tensor, own_moments: tuple[str, ...]) -> None:
     """One parameter's saved state (before loading): what the kernels will read must fit ``p``."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{where}: saved state must be a dict, got {type(state).__name__}")
+    foreign = [key for key in _MOMENT_KEYS if key in state and key not in own_moments]
+    if foreign:
+        raise ValueError(
+            f"{where}: saved state holds {foreign[0]!r}, which this optimizer does not keep "
+            "(a state dict of another kind of optimizer?)"
+        )
     shard = _local(p)
     for key, value in state.items():
         if key in (*_MOMENT_KEYS, "ema"):

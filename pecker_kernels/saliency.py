@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .validation import as_float
+
 
 class ParamGradients(list):
     """A list of gradients that knows its parameters (``params``, index-aligned), so that
@@ -40,9 +42,9 @@ class SaliencyAccumulator:
         for i, p in enumerate(self.params):
             if not isinstance(p, Tensor) or not p.is_floating_point():
                 raise TypeError(f"params[{i}] must be a floating-point tensor")
-        if clip_norm is not None and not clip_norm > 0:
+        if clip_norm is not None and not as_float("clip_norm", clip_norm) > 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-        self.clip_norm = clip_norm
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.batches = 0
         # Batches left out for non-finite gradients: a device count, read only by skipped_batches.

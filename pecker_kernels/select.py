@@ -85,6 +85,7 @@ def topk_mask(
     (or sharded DTensors) the masks are this rank's part of one selection over every rank's shards
     (DTensors in, DTensors out).
     """
+    check_list("tensors", tensors)
     tensors = list(tensors)
     with_grad = [getattr(t, "grad", None) is not None for t in tensors]
     if tensors and all(with_grad):

@@ -203,6 +203,10 @@ class StepConfig:
         maximize: bool = False,
     ) -> StepConfig:
         beta1, beta2 = betas
+        if not 0.0 <= beta1 < 1.0:  # the bias correction below divides by 1 - beta1 ** step
+            raise ValueError(f"Invalid betas[0] (beta1): {beta1}; expected 0 <= beta1 < 1")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be an int >= 1 (the step being taken), got {step!r}")
         return StepConfig(
             kind=kind,
             lr=lr,
