@@ -394,3 +394,35 @@ def test_set_masks_with_values_other_than_zero_and_one_raises(value):
     with pytest.raises(ValueError, match="other than 0 and 1"):
         opt.set_masks([mask])
     assert "mask" not in opt.state[p]
+
+
+def test_compute_mask_without_any_gradient_raises_instead_of_ranking_zeros():
+    opt = pk.SalientAdam([torch.nn.Parameter(torch.randn(8))])
+    with pytest.raises(ValueError, match=r"no \.grad"):
+        opt.compute_mask()
+
+
+def test_a_state_dict_of_another_kind_of_optimizer_is_refused():
+    p = torch.nn.Parameter(torch.randn(8))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(8)
+    sgd.step()
+    opt = pk.SalientAdamW([p])
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        opt.load_state_dict(sgd.state_dict())
+
+
+def test_masks_on_the_meta_device_and_bare_tensors_give_clear_errors():
+    p = torch.nn.Parameter(torch.randn(8))
+    with pytest.raises(ValueError, match="meta"):
+        pk.SalientAdam([p]).set_masks([torch.ones(8, device="meta")])
+    with pytest.raises(TypeError, match="tensors must be a list"):
+        pk.topk_mask(torch.randn(8), 0.5)
+    with pytest.raises(TypeError, match="clip_norm"):
+        pk.SaliencyAccumulator([p], clip_norm="1.0")
+
+
+@pytest.mark.parametrize("kwargs", [dict(betas=(1.0, 0.999), step=2), dict(step=0)])
+def test_step_config_refuses_what_would_divide_by_zero(kwargs):
+    with pytest.raises(ValueError, match=r"beta1|step"):
+        pk.StepConfig.adam("adam", lr=1e-3, **kwargs)
