@@ -39,7 +39,12 @@ from .backends.base import RADIX_DIGITS, Selection
 _DIGITS = RADIX_DIGITS
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: Any) -> bool:
+    if type(t) in _PLAIN:  # the common case, answered without a lookup (every step asks per tensor)
+        return False
     # Importing torch.distributed.tensor costs a second; until something has imported it, nothing
     # can be a DTensor, so look it up instead of importing it.
     module = sys.modules.get("torch.distributed.tensor")

@@ -83,6 +83,7 @@ from .backends.base import (
     StepConfig,
     TensorGroup,
     empty_masks,
+    mask_words,
 )
 from .profiling import nvtx_range
 from .select import budgets, segments_of
@@ -358,20 +359,36 @@ class _SalientOptimizer(Optimizer):
         return scopes + [[g] for g in self.param_groups if g["scope"] == "per_tensor"]
 
     def _plan_scope(self, groups: list[dict[str, Any]]) -> _ScopePlan | None:
-        """Checks one scope's gradients and state against what the kernels will read; writes nothing."""
+        """Checks one scope's gradients and state against what the kernels will read; writes nothing.
+
+        Runs every step over every parameter, so each check is a fast test first; the detailed message
+        (and ``_where``) is built only for what fails."""
         comm = self._comm(groups)
-        active = []
+        active, shards, grads = [], [], []
         for group in groups:
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            moments = tuple(key for key in self._state_keys(group) if key is not None)
+            ema = group["ema"] is not None
             for position, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                where = _where(group, index, position)
-                _check_grad(where, p, type(self).__name__)
-                active.append((group, p, where))
+                shard, grad = _local(p), _local(g)
+                if (
+                    g.layout != torch.strided
+                    or g.dtype != p.dtype
+                    or g.shape != p.shape
+                    or grad.device != shard.device
+                ):
+                    _check_grad(_where(group, index, position), p, type(self).__name__)
+                state = self.state.get(p)
+                if state and not _state_fits(state, shard, moments, ema):
+                    self._check_existing_state(_where(group, index, position), state, shard, moments, ema)
+                active.append((group, p))
+                shards.append(shard)
+                grads.append(grad)
         if not active and comm is None:
             return None
-        shards = [_local(p) for _, p, _ in active]
         devices = {p.device for p in shards}
         if len(devices) > 1:
             raise ValueError(
@@ -380,43 +397,35 @@ class _SalientOptimizer(Optimizer):
             )
         device = next(iter(devices)) if devices else distributed.comm_device(comm, [])
         impl = dispatch.resolve(groups[0]["backend"], device)
-        plan = _ScopePlan(groups, comm, impl, device, [(g, p) for g, p, _ in active], [], [])
-        for (group, p, where), shard in zip(active, shards, strict=True):
-            self._check_existing_state(where, group, p, shard)
+        plan = _ScopePlan(groups, comm, impl, device, active, [], [])
+        for shard, grad in zip(shards, grads, strict=True):
             work = shard if shard.is_contiguous() else shard.contiguous()
             if work is not shard:
                 plan.write_back.append((shard, work))
             plan.params.append(work)
             # Gradients of other strides (transposed, expanded, channels_last) are read row-major.
-            plan.grads.append(_local(p.grad).contiguous())
+            plan.grads.append(grad if grad.is_contiguous() else grad.contiguous())
         return plan
 
-    def _check_existing_state(self, where: str, group: dict[str, Any], p: Tensor, shard: Tensor) -> None:
-        state = self.state.get(p)
-        if not state:
-            return
-        moments = [key for key in self._state_keys(group) if key is not None]
+    @staticmethod
+    def _check_existing_state(where: str, state, shard: Tensor, moments, ema: bool) -> None:
+        """Raises the detailed error for state that ``_state_fits`` refused."""
         for key in moments:
             if key in state:
                 check_kernel_state(where, key, _local(state[key]), shard, STATE_DTYPES)
-        if group["ema"] is not None and "ema" in state:
+        if ema and "ema" in state:
             check_kernel_state(where, "ema", _local(state["ema"]), shard, (torch.float32,))
         if "mask" in state:
             check_packed_mask(where, state["mask"], shard)
-        step = state.get("step")
-        if step is not None and (
-            not isinstance(step, Tensor) or step.numel() != 1 or step.device != shard.device
-        ):
-            raise TypeError(f"{where}: state['step'] must be a one-element tensor on {shard.device}")
+        raise TypeError(f"{where}: state['step'] must be a one-element tensor on {shard.device}")
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> tuple[dict[str, Any], bool]:
         """The parameter's state with every piece this step needs; True when the momentum buffer (SGD)
         was allocated just now, so that it starts at the gradient."""
         state = self.state[p]
-        shard = _local(p)
         dtype = _state_dtype(group)
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=shard.device)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
         state.setdefault("selection_step", 0)
         fresh = False
         for key in self._state_keys(group):
@@ -911,6 +920,39 @@ def _where(group: dict[str, Any], index: int, position: int) -> str:
     if names is not None and position < len(names):
         return f"parameter {names[position]!r} (param group {index})"
     return f"parameter {position} of param group {index}"
+
+
+def _fits(t: Any, shape: torch.Size, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return (
+        isinstance(t, Tensor)
+        and t.dtype in dtypes
+        and t.shape == shape
+        and t.device == device
+        and t.is_contiguous()
+    )
+
+
+def _state_fits(state: Mapping[str, Any], shard: Tensor, moments, ema: bool) -> bool:
+    """Whether a parameter's state is exactly what the kernels read (the fast test of every step)."""
+    shape, device = shard.shape, shard.device
+    for key in moments:
+        t = state.get(key)
+        if t is not None and not _fits(_local(t), shape, device, STATE_DTYPES):
+            return False
+    e = state.get("ema") if ema else None
+    if e is not None and not _fits(_local(e), shape, device, (torch.float32,)):
+        return False
+    mask = state.get("mask")
+    if mask is not None and not (
+        isinstance(mask, Tensor)
+        and mask.dtype == torch.int32
+        and mask.shape == (mask_words(shard.numel()),)
+        and mask.device == device
+        and mask.is_contiguous()
+    ):
+        return False
+    step = state.get("step")
+    return step is None or (isinstance(step, Tensor) and step.numel() == 1 and step.device == device)
 
 
 def _check_grad(where: str, p: Tensor, owner: str) -> None:
