@@ -471,7 +471,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .unlearn.nets import UNET_CLASSES, EpsNet
 
     _threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     record = runs.read_run(args.run)
     if "generator" not in record:
         parts = sorted(p.name for p in Path(args.run).iterdir() if (p / "run.json").is_file())

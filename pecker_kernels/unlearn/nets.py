@@ -7,7 +7,6 @@ reads a local diffusers folder: a model folder (``config.json`` + weights) or a 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,6 @@ def load_schedule(info: ModelInfo) -> Schedule:
 
 def load_model(path: Path | str, null_class: bool = False) -> tuple[EpsNet, Schedule, ModelInfo]:
     """The frozen, eval-mode network of a local diffusers folder, its schedule and what it is."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     info = inspect_model(path, null_class)
     schedule = load_schedule(info)
     try:
