@@ -4,6 +4,7 @@
 // in backends/base.py (kernel_params). Importing needs no GPU.
 #include <pybind11/pybind11.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../csrc/cuda/api.h"
@@ -62,6 +63,25 @@ PYBIND11_MODULE(_C_cuda, m) {
   pecker::bind::step_params(m);
   pecker::bind::layouts(m);
   m.attr("TENSOR_DESC_FIELDS") = static_cast<int>(sizeof(pc::TensorDesc) / sizeof(int64_t));
+  // Each TensorDesc field's column in the int64 table that backends/cuda.py builds.
+  py::dict offsets;
+#define PECKER_COLUMN(field) offsets[#field] = static_cast<int>(offsetof(pc::TensorDesc, field) / sizeof(int64_t))
+  PECKER_COLUMN(g);
+  PECKER_COLUMN(w);
+  PECKER_COLUMN(p);
+  PECKER_COLUMN(m);
+  PECKER_COLUMN(v);
+  PECKER_COLUMN(e);
+  PECKER_COLUMN(mask_in);
+  PECKER_COLUMN(mask_out);
+  PECKER_COLUMN(numel);
+  PECKER_COLUMN(segment);
+  PECKER_COLUMN(dtype);
+  PECKER_COLUMN(w_dtype);
+  PECKER_COLUMN(state_dtype);
+  PECKER_COLUMN(reserved);
+#undef PECKER_COLUMN
+  m.attr("TENSOR_DESC_OFFSETS") = offsets;
 
   // Launches release the GIL: they only enqueue work on `stream`.
   const auto nogil = py::call_guard<py::gil_scoped_release>();

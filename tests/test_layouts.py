@@ -46,8 +46,14 @@ def test_step_params_struct_has_exactly_the_fields_kernel_params_builds(module):
 
 
 @pytest.mark.skipif(native.cuda_module is None, reason="_C_cuda not built (no nvcc)")
-def test_cuda_tensor_table_row_has_the_width_the_backend_builds():
-    assert native.cuda_module.TENSOR_DESC_FIELDS == 16
+def test_cuda_tensor_table_columns_are_the_tensor_desc_fields_in_order():
+    from pecker_kernels.backends import cuda
+
+    offsets = native.cuda_module.TENSOR_DESC_OFFSETS
+    assert len(cuda.TENSOR_COLUMNS) == native.cuda_module.TENSOR_DESC_FIELDS == 16
+    for name, column in offsets.items():
+        assert cuda.TENSOR_COLUMNS[column] == name, name
+    assert set(cuda.TENSOR_COLUMNS) == set(offsets)
 
 
 CONFIGS = [

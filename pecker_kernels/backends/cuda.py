@@ -29,6 +29,27 @@ name = "cuda"
 
 _CACHE_SIZE = 64
 
+# Columns of the tensor table: TensorDesc's fields in order (csrc/cuda/api.h; _C_cuda.TENSOR_DESC_OFFSETS
+# gives each field's int64 offset, checked in tests/test_layouts.py); "reserved" columns are 0.
+TENSOR_COLUMNS = (
+    "g",
+    "w",
+    "p",
+    "m",
+    "v",
+    "e",
+    "mask_in",
+    "mask_out",
+    "numel",
+    "segment",
+    "dtype",
+    "w_dtype",
+    "state_dtype",
+    "reserved",
+    "reserved",
+    "reserved",
+)
+
 
 def is_available(device: torch.device) -> bool:
     device = torch.device(device)
@@ -138,19 +159,16 @@ def _table(
         )
         # Moments in fp32 or bf16 (one dtype for both), the EMA in fp32.
         state_dtype = torch.float32 if m is None and v is None else (m if m is not None else v).dtype
-        rows.append(
-            (
-                *(_addr(t) for t in (g, w, p, m, v, e, mi, mo)),
-                g.numel(),
-                int(segments[i]),
-                DTYPE_CODES[g.dtype],
-                -1 if w is None else DTYPE_CODES[w.dtype],
-                DTYPE_CODES[state_dtype],
-                0,
-                0,
-                0,
-            )
+        addresses = (g, w, p, m, v, e, mi, mo)
+        row = dict(zip(TENSOR_COLUMNS[: len(addresses)], map(_addr, addresses), strict=True))
+        row.update(
+            numel=g.numel(),
+            segment=int(segments[i]),
+            dtype=DTYPE_CODES[g.dtype],
+            w_dtype=-1 if w is None else DTYPE_CODES[w.dtype],
+            state_dtype=DTYPE_CODES[state_dtype],
         )
+        rows.append([row.get(column, 0) for column in TENSOR_COLUMNS])
     key = (device, tuple(rows))
     return _tables.get_or_build(key, lambda: _upload(rows, torch.int64, device))
 
