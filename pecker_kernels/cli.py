@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unlearn_args(p, out_required=False)
     p = sub.add_parser("sample", help="draw samples of one class from a finished run's generator")
     p.add_argument("--run", type=Path, required=True, help="the run folder (holding run.json, generator/)")
-    p.add_argument("--class", dest="class_", type=int, required=True, help="the class to draw")
+    p.add_argument("--class", dest="class_", metavar="C", type=int, required=True, help="the class to draw")
     p.add_argument("-n", type=int, default=20, help="how many samples (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
