@@ -14,6 +14,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PECKER_BUILD_DIR=build/gpu-che
 status() { printf '  "%s": %s,\n' "$1" "$2" >>"$out/steps.part"; }
 : >"$out/steps.part"
 
+# Packages the image lacks (diffusers: pytest collects tests/unlearn, which imports it; nvtx: named ranges),
+# carried as wheels made by benchmarks/gpu_wheels.sh (name ".whl" in the device call's carry).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$out/wheels.log" 2>&1
+  status wheels $?
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >"$out/versions.txt" 2>&1
 

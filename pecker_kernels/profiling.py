@@ -1,8 +1,9 @@
 """NVTX ranges around the package's ops, in one domain so Nsight Systems groups them.
 
 Ranges (domain ``pecker_kernels``): ``select``, ``write_masks``, ``update``. A range costs about a
-microsecond of Python when no profiler is attached (nvtx returns at once); without the ``nvtx`` package
-it costs nothing beyond the ``with`` statement.
+microsecond of Python when no profiler is attached (nvtx returns at once). Without the ``nvtx`` package,
+a CUDA build of torch marks the same ranges through ``torch.cuda.nvtx`` (no domain: named
+``pecker_kernels/select`` and so on); a CPU-only torch marks none and the ``with`` costs nothing more.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ try:
 except ImportError:  # profiling is optional
     _domain = None
 
+_torch_nvtx: object | None = None  # torch.cuda.nvtx, once known to work (False: it does not)
+
+
+def _fallback():
+    """torch.cuda.nvtx where torch was built with CUDA and a device is present, else False."""
+    global _torch_nvtx
+    if _torch_nvtx is None:
+        import torch
+
+        _torch_nvtx = torch.cuda.nvtx if torch.version.cuda and torch.cuda.is_available() else False
+    return _torch_nvtx
+
 
 class nvtx_range:
     """Marks the enclosed work as a range called ``name`` in Nsight Systems."""
@@ -31,6 +44,9 @@ class nvtx_range:
 
     def __enter__(self) -> None:
         if _domain is None:
+            fallback = _fallback()
+            if fallback:
+                fallback.range_push(f"{DOMAIN}/{self._name}")
             return
         attributes = self._attributes.get(self._name)
         if attributes is None:
@@ -40,3 +56,5 @@ class nvtx_range:
     def __exit__(self, *exc: object) -> None:
         if _domain is not None:
             _domain.pop_range()
+        elif _torch_nvtx:
+            _torch_nvtx.range_pop()
