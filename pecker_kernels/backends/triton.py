@@ -66,6 +66,23 @@ class _Plan:
     segment_first: Tensor  # int64 [items]: the first item of each item's segment (for the tie scan)
 
 
+# The update kernel's scalar arguments, each taken from the kernel_params field named here.
+_SCALAR_ARGS = {
+    "lr": "lr",
+    "decay": "decay_factor",
+    "weight_decay": "weight_decay",
+    "beta1_c": "one_minus_beta1",
+    "beta2": "beta2",
+    "beta2_c": "one_minus_beta2",
+    "eps": "eps",
+    "step_size": "step_size",
+    "bias_correction2_sqrt": "bias_correction2_sqrt",
+    "momentum": "momentum",
+    "dampening_c": "one_minus_dampening",
+    "clip_value": "clip_value",
+    "ema_c": "one_minus_ema_decay",
+}
+
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
 _budgets: OrderedDict[tuple, Tensor] = OrderedDict()
 
@@ -265,21 +282,7 @@ def update(
         threshold = torch.zeros(1, dtype=torch.float32, device=device)
         tie_base = take = ties = torch.zeros(1, dtype=torch.int64, device=device)
     k = kernel_params(c, has_exp_avg=group.exp_avg is not None, has_ema=group.ema is not None)
-    host_scalars = dict(
-        lr=k["lr"],
-        decay=k["decay_factor"],
-        weight_decay=k["weight_decay"],
-        beta1_c=k["one_minus_beta1"],
-        beta2=k["beta2"],
-        beta2_c=k["one_minus_beta2"],
-        eps=k["eps"],
-        step_size=k["step_size"],
-        bias_correction2_sqrt=k["bias_correction2_sqrt"],
-        momentum=k["momentum"],
-        dampening_c=k["one_minus_dampening"],
-        clip_value=k["clip_value"],
-        ema_c=k["one_minus_ema_decay"],
-    )
+    host_scalars = {arg: k[field] for arg, field in _SCALAR_ARGS.items()}
     for launch in plan.launches:
         K._update_kernel[launch.grid](
             launch.items,
