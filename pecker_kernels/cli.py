@@ -60,6 +60,51 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
     )
     p.add_argument("--method", default=d.method, help="pecker (saliency-masked) or sfd (no mask)")
     p.add_argument("--compare", action="store_true", help="run pecker and sfd with the same seed and budget")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="with --compare: every variant on seeds SEED .. SEED+N-1, each with its lr chosen from "
+        "--lr-grid on --tune-seed (compare.json, compare.md, pareto.png)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="with --seeds: comma-separated sfd and pecker[-r<ratio>][-k<refresh>][-gw], e.g. "
+        "sfd,pecker,pecker-r0.1,pecker-k10,pecker-gw (default sfd,pecker)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        default=None,
+        help="with --seeds: comma-separated generator lrs to tune over (default: --lr)",
+    )
+    p.add_argument(
+        "--tune-seed", type=int, default=None, help="with --seeds: the tuning seed (default SEED+N)"
+    )
+    p.add_argument(
+        "--frechet-tolerance",
+        type=float,
+        default=0.1,
+        help="with --seeds: an lr qualifies when its retained-class Frechet is within this fraction of "
+        "the start's (default %(default)s)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: runs at once (one torch thread each)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="where the generator starts: distilled (stage 1, the packaged distilled generator), teacher "
+        "(the teacher's weights: distil and forget at once) or a train-generator folder (default: "
+        "distilled when one ships for the model, else teacher)",
+    )
+    p.add_argument(
+        "--weighting",
+        default=d.weighting,
+        help="loss normalisation: sfd (SFD's: pseudo-score error summed over pixels, forgetting terms a mean "
+        "over their own batch times --forget-weight) or pooled (one mean over the pooled batch, pixel mean)",
+    )
+    p.add_argument(
+        "--score", default=d.score, help="saliency score of pecker's mask: grad (|g|) or grad_weight (|g w|)"
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument(
         "--ratio", type=float, default=d.ratio, help="fraction of generator weights updated (pecker)"
@@ -81,7 +126,11 @@ def _add_unlearn_args(p: argparse.ArgumentParser, out_required: bool = True) -> 
     p.add_argument("--lr", type=float, default=d.lr_generator, help="generator learning rate")
     p.add_argument("--lr-pseudo", type=float, default=d.lr_pseudo, help="pseudo-score learning rate")
     p.add_argument(
-        "--forget-weight", type=float, default=d.forget_weight, help="weight of the forgetting term"
+        "--forget-weight",
+        type=float,
+        default=None,
+        help="coefficient of the forgetting terms (default: SFD's 0.01 with --weighting sfd, 1.0 with "
+        "pooled)",
     )
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument(
@@ -149,6 +198,9 @@ def _config(args: argparse.Namespace, method: str):
         lr_pseudo=args.lr_pseudo,
         alpha=args.alpha,
         forget_weight=args.forget_weight,
+        weighting=args.weighting,
+        score=args.score,
+        init=args.init,
         ema=args.ema,
         t_init=args.t_init,
         ratio=args.ratio,
@@ -292,6 +344,11 @@ _RECORDED = (
     "forget_weight", "alpha", "ema", "t_init", "eval_every", "eval_samples", "final_samples", "target",
     "teacher_ddim_steps", "classifier", "checkpoint_every", "threads", "distributed",
 )  # fmt: skip
+# Options added later: a run recorded before them resumes with these values (what it ran with).
+_RECORDED_LATER = {
+    "init": "teacher", "weighting": "pooled", "score": "grad", "seeds": None, "variants": None,
+    "lr_grid": None, "tune_seed": None, "frechet_tolerance": 0.1, "jobs": 1,
+}  # fmt: skip
 
 
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -307,7 +364,8 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     options = record.get("options")
     if not isinstance(options, dict) or any(k not in options for k in _RECORDED):
         raise ValueError(f"{out}/run.json records no options to resume with")
-    resumed = argparse.Namespace(**{k: options[k] for k in _RECORDED})
+    options = {**_RECORDED_LATER, **options}
+    resumed = argparse.Namespace(**{k: options[k] for k in (*_RECORDED, *_RECORDED_LATER)})
     resumed.out, resumed.resume, resumed.no_progress = out, out, args.no_progress
     resumed.argv, resumed.command = args.argv, args.command
     resumed.recorded = record
@@ -345,11 +403,13 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
     from .unlearn import runs
     from .unlearn.trainer import prepare
 
+    if args.seeds is not None:
+        return _unlearn_seeded(args)
     methods = ["pecker", "sfd"] if args.compare else [args.method]
     configs = [_config(args, m) for m in methods]
     ctx = prepare(configs[0])  # every option, the model and the classifier: checked before any output
     for c in configs[1:]:
-        c.override = configs[0].override
+        c.override, c.init = configs[0].override, configs[0].init
         c.validate(ctx.num_classes, ctx.schedule.steps)
     if not lead:
         stop = _StopFlag()
@@ -365,7 +425,9 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
         record = getattr(args, "recorded", None) or {
             "command": command,
             "options": {
-                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in _RECORDED
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k in _RECORDED or k in _RECORDED_LATER
             },
             "model": ctx.info.to_json(),
             "schedule": ctx.schedule.config,
@@ -435,6 +497,79 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
         record.pop("pid", None)
         runs.write_json(out / "run.json", record)
     print(text)
+    print(f"results in {out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _unlearn_seeded(args: argparse.Namespace) -> int:
+    """``--compare --seeds N``: every variant's lr tuned by one rule, then N seeds each (unlearn.compare)."""
+    import math
+
+    from .unlearn import compare, runs
+    from .unlearn.trainer import prepare
+
+    if not args.compare:
+        raise ValueError("--seeds N runs a comparison: give --compare too")
+    if args.distributed:
+        raise ValueError(
+            "--compare --seeds runs on one process (--jobs for parallel runs), not --distributed"
+        )
+    if isinstance(args.seeds, bool) or not isinstance(args.seeds, int) or args.seeds < 1:
+        raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds!r}")
+    if not isinstance(args.jobs, int) or args.jobs < 1:
+        raise ValueError(f"--jobs must be an integer >= 1, got {args.jobs!r}")
+    tol = args.frechet_tolerance
+    if not isinstance(tol, int | float) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"--frechet-tolerance must be a finite number >= 0, got {tol!r}")
+    variants = compare.parse_variants(args.variants)
+    grid = compare.parse_grid(args.lr_grid, args.lr)
+    base = _config(args, "sfd")
+    ctx = prepare(base)
+    for v in variants:  # every variant's options, checked before any output
+        for lr in grid:
+            compare.variant_config(base, v, lr, base.seed).validate(ctx.num_classes, ctx.schedule.steps)
+    out: Path = args.out
+    lock = runs.RunLock(out).acquire() if args.resume is not None else runs.create_out(out)
+    with lock, _StopFlag():
+        start = time.perf_counter()
+        command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out))
+        record = getattr(args, "recorded", None) or {
+            "command": command,
+            "options": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k in _RECORDED or k in _RECORDED_LATER
+            },
+            "model": ctx.info.to_json(),
+            "schedule": ctx.schedule.config,
+        }
+        record.update(status="running", resume_command=resume_command, pid=os.getpid())
+        record.pop("error", None)
+        runs.write_json(out / "run.json", record)
+        try:
+            teacher = _teacher_reference(ctx, base, out)
+            result = compare.seeded_compare(
+                base, ctx, out, teacher, variants, grid, args.seeds, args.tune_seed, tol, args.jobs,
+                log=lambda line: print(line, flush=True),
+            )  # fmt: skip
+        except Interrupted as e:
+            record.update(status="interrupted", step=e.step)
+            runs.write_json(out / "run.json", record)
+            print(f"interrupted; finished runs stay in {out}; resume with:\n  {resume_command}")
+            return 128 + e.signum
+        except BaseException as e:
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            runs.write_json(out / "run.json", record)
+            print(
+                f"the comparison stopped; finished runs stay in {out}; resume: {resume_command}",
+                file=sys.stderr,
+            )
+            raise
+        record.update(status="done")
+        record.pop("pid", None)
+        runs.write_json(out / "run.json", record)
+    print(compare.table(result))
     print(f"results in {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -521,7 +656,8 @@ def _check_train_args(args: argparse.Namespace, kind: str) -> Path:
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     stem = f"{args.dataset.replace('-', '_')}_{kind}"
-    out = Path(args.out) if args.out else Path("runs") / (stem if kind == "teacher" else f"{stem}.pt")
+    folder = kind in ("teacher", "generator")
+    out = Path(args.out) if args.out else Path("runs") / (stem if folder else f"{stem}.pt")
     if out.is_symlink():
         raise ValueError(f"--out {out} is a symbolic link; give the real path")
     if out.exists() and not args.force:
@@ -590,6 +726,59 @@ def cmd_train(args: argparse.Namespace, kind: str) -> int:
     return 0
 
 
+def cmd_train_generator(args: argparse.Namespace) -> int:
+    """Stage 1: distil the teacher into a one-step generator (every class, no forgetting), written as a
+    diffusers folder with its record; ``unlearn --init`` starts from it."""
+    from .unlearn import atomic, plots, runs
+    from .unlearn.nets import save_unet
+    from .unlearn.train import distill_generator
+    from .unlearn.trainer import UnlearnConfig
+
+    _threads(args.threads)
+    out = _check_train_args(args, "generator")
+    config = UnlearnConfig(
+        dataset=args.dataset,
+        method="sfd",
+        distill=True,
+        init="teacher",
+        model=args.model,
+        classifier=args.classifier,
+        steps=args.steps,
+        batch=args.batch,
+        lr_generator=args.lr,
+        lr_pseudo=args.lr_pseudo,
+        ema=args.ema,
+        t_init=args.t_init,
+        seed=args.seed,
+        eval_every=args.steps,
+        final_samples=100,
+        checkpoint_every=0,
+    )
+    log_every = max(1, args.steps // 20)
+
+    def progress(step: int, logs: dict[str, float]) -> None:
+        if step % log_every == 0 or step == args.steps:
+            print(
+                f"generator step {step}/{args.steps} loss_p {logs['loss_p']:.3f} loss_g {logs['loss_g']:.3f}",
+                flush=True,
+            )
+
+    d, record, result = distill_generator(config, progress)
+    command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    record.update(command=command, torch=str(torch.__version__), threads=torch.get_num_threads())
+    with atomic.folder(out) as stage:
+        save_unet(d.eval_generator.net, stage)
+        runs.write_json(stage / "record.json", record)
+        labels = d.final_labels
+        title = f"one-step generator after {args.steps} distillation steps"
+        plots.sample_grid(stage / "samples.png", result["after"], labels, d.ctx.class_names, title)
+    after = record["after"]
+    if "frechet_overall" in after:
+        print(f"accuracy {after['accuracy']:.4f}, Frechet (all classes) {after['frechet_overall']:.2f}")
+    print(f"wrote {out} (diffusers folder of the generator's network, record.json, samples.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pecker", description="PECKER unlearning recipe: saliency-masked score-forgetting distillation"
@@ -621,6 +810,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help=f"{where} (default: runs/<dataset>_{kind})")
         p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
         p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser(
+        "train-generator",
+        help="stage 1: distil the teacher into a one-step generator without forgetting (unlearn --init)",
+    )
+    p.add_argument(
+        "--model", default=None, help="the teacher folder (default: the packaged one of --dataset)"
+    )
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint for the record's metrics")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="generator learning rate")
+    p.add_argument("--lr-pseudo", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the generator (what is saved)")
+    p.add_argument("--t-init", type=int, default=440)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="a model folder (default: runs/<dataset>_generator)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -637,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "train-generator":
+            return cmd_train_generator(args)
         return cmd_train(args, args.command.removeprefix("train-"))
     except (ValueError, DatasetUnavailableError) as e:
         raise SystemExit(f"pecker {args.command}: error: {e}") from e

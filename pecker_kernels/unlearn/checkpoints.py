@@ -13,13 +13,15 @@ from . import atomic
 from .models import build
 
 PACKAGED = Path(__file__).parent / "checkpoints"
+FOLDERS = ("teacher", "generator")  # kinds stored as diffusers folders
 
 
 def default_path(dataset: str, kind: str) -> Path:
-    """Where the shipped checkpoint of ``kind`` lives: the teacher is a diffusers model folder
-    (``<dataset>_teacher/``), the classifier a ``.pt`` file."""
+    """Where the shipped checkpoint of ``kind`` lives: the teacher and the distilled one-step generator
+    are diffusers model folders (``<dataset>_teacher/``, ``<dataset>_generator/``), the classifier a
+    ``.pt`` file."""
     stem = f"{dataset.replace('-', '_')}_{kind}"
-    return PACKAGED / (stem if kind == "teacher" else f"{stem}.pt")
+    return PACKAGED / (stem if kind in FOLDERS else f"{stem}.pt")
 
 
 def is_packaged(path: Path | str) -> bool:

@@ -90,3 +90,43 @@ def comparison(path: Path, results: dict[str, dict[str, Any]], title: str) -> No
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path, dpi=100)
+
+
+def pareto(path: Path, result: dict[str, Any]) -> None:
+    """Seeded comparison: retained-class Frechet distance against time (left) and steps (right) to
+    forget; a small point per seed, a large one with sample-std error bars per variant (runs that never
+    forgot are left out and counted in the legend)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (variant, s) in enumerate(result["summary"].items()):
+        color = colors[i % len(colors)]
+        rows = [r for r in result["rows"] if r["variant"] == variant and r["steps_to_forget"] is not None]
+        missed = s["seeds"] - len(rows)
+        label = f"{variant} (lr {s['lr']:g})" + (f", {missed} never forgot" if missed else "")
+        for ax, key in zip(axes, ("time_to_forget_seconds", "steps_to_forget"), strict=True):
+            ax.scatter(
+                [r[key] for r in rows], [r["frechet_retain"] for r in rows], s=12, alpha=0.45, color=color
+            )
+            mx, my = s[key], s["frechet_retain"]
+            if mx["mean"] is not None and my["mean"] is not None:
+                ax.errorbar(
+                    mx["mean"], my["mean"], xerr=mx["std"], yerr=my["std"], fmt="o", ms=7, color=color,
+                    capsize=3, label=label,
+                )  # fmt: skip
+    start = [r["frechet_retain_start"] for r in result["rows"] if r["frechet_retain_start"] is not None]
+    for ax, xlabel in zip(
+        axes,
+        ("seconds to forget (mask set-up included, evaluation excluded)", "steps to forget"),
+        strict=True,
+    ):
+        if start:
+            ax.axhline(
+                sum(start) / len(start), color="gray", lw=0.8, ls=":", label="start (before unlearning)"
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Frechet distance, retained classes (lower is better)")
+    axes[1].legend(fontsize=7)
+    n = len(result["seeds"])
+    fig.suptitle(f"{result['dataset']}: forget {result['base']['forget']}, {n} seeds (mean ± std)")
+    fig.tight_layout()
+    _save(fig, path, dpi=100)

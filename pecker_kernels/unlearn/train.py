@@ -162,3 +162,53 @@ def sample_classes(
     schedule = getattr(teacher, "schedule", None) or Schedule()
     images = ddim_sample(teacher, schedule, labels, shape, steps, g)
     return images, labels
+
+
+def distill_generator(
+    config: Any, progress: Callable[[int, dict[str, float]], None] | None = None
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Stage 1: SiD distillation of the teacher into a one-step generator over every class, without a
+    forgetting term or a mask (``config.distill``, method ``sfd``, generator started from the teacher).
+    Returns the finished ``Distiller`` (its EMA weights in ``eval_generator``), a training record and
+    the run's result (``Distiller.finish``)."""
+    from dataclasses import asdict
+
+    from .trainer import Distiller, prepare
+
+    if not config.distill or config.method != "sfd" or config.init != "teacher":
+        raise ValueError("stage-1 distillation needs distill=True, method='sfd' and init='teacher'")
+    ctx = prepare(config)
+    d = Distiller(config, ctx)
+    start = time.perf_counter()
+    d.setup()
+    d.train(progress)
+    result = d.finish()
+    m = result["metrics"]
+    losses = result["history"]
+    tail = max(1, len(losses["step"]) // 10)
+
+    def quality(metrics: dict[str, Any]) -> dict[str, Any]:
+        if metrics.get("frechet") is None:
+            return {"note": ctx.metrics_note}
+        per_class = metrics["per_class_accuracy"]
+        return {
+            "accuracy": sum(per_class.values()) / len(per_class),
+            "per_class_accuracy": per_class,
+            "frechet_overall": metrics["frechet"]["overall"],
+            "frechet_per_class": metrics["frechet"]["per_class"],
+        }
+
+    record = {
+        "stage": "1: SiD distillation of every class (no forgetting term, every weight updated)",
+        "t_init": config.t_init,
+        "teacher": m["model"],
+        "steps": config.steps,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "samples_per_class": config.final_samples,
+        "before": quality(m["initial"]),
+        "after": quality(m),
+        "loss_pseudo_last_10pct": sum(losses["loss_pseudo"][-tail:]) / tail,
+        "loss_generator_last_10pct": sum(losses["loss_generator"][-tail:]) / tail,
+        "config": asdict(config),
+    }
+    return d, record, result

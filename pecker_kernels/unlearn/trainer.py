@@ -31,11 +31,15 @@ from ..saliency import SaliencyAccumulator
 from . import checkpoints
 from .data import LOADERS, Dataset, load_dataset
 from .diffusion import OneStepGenerator, Schedule
-from .losses import class_weights, denoising_loss, sid_loss, weighted_mean
+from .losses import WEIGHTINGS, denoising_loss, pixel_reduction, row_coefficients, sid_loss
 from .metrics import classify, evaluate
 from .nets import EpsNet, ModelInfo, inspect_model, load_model, load_schedule
 
 METHODS = ("pecker", "sfd")
+SCORES = ("grad", "grad_weight")
+INITS = ("distilled", "teacher")
+# SFD's coefficient of the forgetting terms, and the project's first (pooled-batch) weight.
+FORGET_WEIGHT = {"sfd": 0.01, "pooled": 1.0}
 
 # The command-line option of each config field: error messages name what the user typed.
 OPTION = {
@@ -67,15 +71,21 @@ class UnlearnConfig:
     lr_generator: float = 1e-3  # SFD: 1e-5 over 50k+ steps; this budget is a few hundred steps
     lr_pseudo: float = 1e-3
     alpha: float = 1.2
-    # Weight of the forgetting term in both losses. SFD uses 0.01 over 50k+ steps; at 0.01 a 200-step
-    # digits run still labelled 88% of forget samples as the class, so short runs weight it 1.0.
-    forget_weight: float = 1.0
+    # How the losses are normalised (losses.row_coefficients): "sfd" as SFD's code (pseudo-score squared
+    # error summed over pixels; each forgetting term a mean over its own forget-class batch, times
+    # forget_weight) or "pooled" (the project's first weighting: one mean over the pooled batch, the
+    # pseudo-score error averaged over pixels).
+    weighting: str = "sfd"
+    # Coefficient of the forgetting terms in both losses; None: 0.01 (SFD's) under "sfd", 1.0 under
+    # "pooled".
+    forget_weight: float | None = None
     t_init: int = 440
     t_min: int = 38
     t_max: int = 712
     clip_value: float = 1.0
     ema: float = 0.95  # SFD: 0.9999 over 50k+ steps; a few hundred steps need a shorter average
     ratio: float = 0.5
+    score: str = "grad"  # saliency score: |g| ("grad") or |g * w| ("grad_weight")
     refresh_every: int = 0  # 0: one-shot SalUn-style mask; K: reselect every K steps from that step's grad
     mask_batches: int = 8  # forget-loss batches accumulated for the one-shot mask
     backend: str = "auto"
@@ -87,6 +97,13 @@ class UnlearnConfig:
     teacher_ddim_steps: int = 50  # DDIM steps of the teacher's reference samples
     # A local diffusers folder (model or pipeline); None: the packaged teacher of the data set.
     model: str | None = None
+    # Where the generator starts: "distilled" (a one-step generator distilled from the teacher without
+    # forgetting, stage 1: the packaged one for the packaged teacher), "teacher" (the teacher's weights:
+    # distillation and forgetting in one stage), or a folder written by train-generator. None: distilled
+    # when one ships for the model, else teacher.
+    init: str | None = None
+    # Stage 1: SiD distillation of every class, no forgetting term, no mask (train-generator).
+    distill: bool = False
     null_class: bool = False  # the model's last class embedding is a null (unconditional) label
     classifier: str | None = None  # None: the packaged classifier when the model fits its data
     checkpoint_every: int = 100  # steps between checkpoints of a run folder; 0: only on interrupt
@@ -96,7 +113,18 @@ class UnlearnConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate_options(self) -> None:
-        """Everything that can be checked without the model: ValueError naming the option."""
+        """Everything that can be checked without the model: ValueError naming the option. Resolves
+        ``forget_weight`` from ``weighting`` when it is None."""
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown --weighting {self.weighting!r}; expected one of: {', '.join(WEIGHTINGS)}"
+            )
+        if self.forget_weight is None:
+            self.forget_weight = FORGET_WEIGHT[self.weighting]
+        if self.score not in SCORES:
+            raise ValueError(f"unknown --score {self.score!r}; expected one of: {', '.join(SCORES)}")
+        if self.distill and self.method != "sfd":
+            raise ValueError("stage-1 distillation (distill) updates every weight: method must be 'sfd'")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of: {', '.join(METHODS)}")
         if self.dataset not in LOADERS:
@@ -183,6 +211,8 @@ class Context:
     real_features: dict[int, Tensor] | None = None
     classifier_path: Path | None = None
     metrics_note: str | None = None  # why there are no metrics, when there are none
+    start: EpsNet | None = None  # the generator's starting network; None: the teacher's weights
+    start_path: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -267,8 +297,61 @@ def prepare(config: UnlearnConfig) -> Context:
         real = {c: feats[data.labels == c] for c in range(data.num_classes)}
         names = data.class_names
     teacher, schedule, info = load_model(info.path, config.null_class)
+    start, start_path = load_start(config, teacher, info)
     check_backend(config.backend)
-    return Context(teacher, schedule, info, names, classifier, data, real, cpath, note)
+    return Context(teacher, schedule, info, names, classifier, data, real, cpath, note, start, start_path)
+
+
+def start_path(config: UnlearnConfig) -> Path | None:
+    """The folder of the distilled generator ``config.init`` names (None: start from the teacher);
+    resolves ``init=None`` to "distilled" when one ships for the model, else "teacher"."""
+    packaged = checkpoints.default_path(config.dataset, "generator")
+    own_teacher = config.model is None
+    if config.init is None:
+        config.init = "distilled" if own_teacher and packaged.is_dir() else "teacher"
+    if config.init == "teacher":
+        return None
+    if config.init == "distilled":
+        if not own_teacher or not packaged.is_dir():
+            raise ValueError(
+                "--init distilled: no distilled generator ships for this model; train one with "
+                "python -m pecker_kernels train-generator --model DIR --out GEN and pass --init GEN, or "
+                "start from the teacher with --init teacher"
+            )
+        return packaged
+    path = Path(config.init)
+    if not path.is_dir():
+        raise ValueError(f"--init must be distilled, teacher or a generator folder; {path} is not a folder")
+    return path
+
+
+def load_start(config: UnlearnConfig, teacher: EpsNet, info: ModelInfo) -> tuple[EpsNet | None, Path | None]:
+    """The distilled generator's network (same architecture as the teacher; distilled at the same
+    t_init), or (None, None) for a start from the teacher."""
+    path = start_path(config)
+    if path is None:
+        return None, None
+    record_file = path / "record.json"
+    if record_file.is_file():
+        import json
+
+        t_init = json.loads(record_file.read_text()).get("t_init")
+        if t_init is not None and t_init != config.t_init:
+            raise ValueError(
+                f"--init {path}: that generator was distilled at t_init {t_init}; this run uses --t-init "
+                f"{config.t_init}"
+            )
+    net, _, start_info = load_model(path, config.null_class)
+    if start_info.class_name != info.class_name or start_info.shape != info.shape:
+        raise ValueError(
+            f"--init {path} is a {start_info.class_name} of {start_info.shape}; the teacher is not"
+        )
+    try:
+        copy.deepcopy(teacher).load_state_dict(net.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"--init {path} does not have the teacher's architecture: {e}") from e
+    net.schedule = teacher.schedule
+    return net, path
 
 
 def check_backend(backend: str) -> None:
@@ -300,15 +383,19 @@ class Distiller:
         self.cfg, self.ctx = config, ctx
         self.num_classes = ctx.num_classes
         self.shape = tuple(ctx.shape)
-        self.remaining = torch.tensor([c for c in range(self.num_classes) if c != config.forget])
+        # Stage 1 (distill) draws every class; unlearning every class but the forgotten one.
+        self.remaining = torch.tensor(
+            [c for c in range(self.num_classes) if config.distill or c != config.forget]
+        )
         self.schedule = ctx.schedule
         torch.manual_seed(config.seed)
         self.rank = torch.distributed.get_rank() if config.distributed else 0
         # All sampling in the loop draws from it; each rank draws its own part of the global batch.
         self.gen = torch.Generator().manual_seed(config.seed + 7919 * self.rank)
         self.teacher = ctx.teacher
+        start = ctx.start if ctx.start is not None else ctx.teacher
         self.generator = OneStepGenerator(
-            copy.deepcopy(ctx.teacher).requires_grad_(True), self.schedule, config.t_init
+            copy.deepcopy(start).requires_grad_(True), self.schedule, config.t_init
         )
         self.pseudo = copy.deepcopy(ctx.teacher).requires_grad_(True)
         if config.distributed:
@@ -316,7 +403,7 @@ class Distiller:
 
             fully_shard(self.generator.net)  # parameters become DTensor shards: the mask spans them all
             fully_shard(self.pseudo)
-        self.eval_generator = OneStepGenerator(copy.deepcopy(ctx.teacher), self.schedule, config.t_init)
+        self.eval_generator = OneStepGenerator(copy.deepcopy(start), self.schedule, config.t_init)
         self.gen_params = list(self.generator.net.parameters())
         self.opt_g = SalientAdam(
             self.gen_params,
@@ -324,6 +411,7 @@ class Distiller:
             betas=(0.0, 0.999),
             eps=1e-8,
             ratio=config.ratio if config.method == "pecker" else 1.0,
+            score=config.score,
             refresh_every=0,  # selection is done explicitly (compute_mask) so its time is measured apart
             clip_value=config.clip_value,
             ema=config.ema,
@@ -361,10 +449,14 @@ class Distiller:
     # ---- sampling helpers ------------------------------------------------------------------------
 
     def _labels(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(labels for G and the pseudo-score, teacher labels, forget mask, per-sample weights)."""
+        """(labels for G and the pseudo-score, teacher labels, forget mask, per-row loss coefficients:
+        ``losses.row_coefficients``, a loss is the sum of coefficient x per-sample loss)."""
         cfg = self.cfg
         pick = torch.randint(0, len(self.remaining), (cfg.batch,), generator=self.gen)
         retain = self.remaining[pick]
+        if cfg.distill:  # stage 1: every class, no forgetting rows
+            none = torch.zeros(cfg.batch, dtype=torch.bool)
+            return retain, retain, none, row_coefficients(none, 0.0, cfg.weighting)
         forget = torch.full((cfg.forget_batch,), cfg.forget)
         if cfg.override_class() is None:  # random override: any class but the forgotten one
             o = self.remaining[torch.randint(0, len(self.remaining), (cfg.forget_batch,), generator=self.gen)]
@@ -372,7 +464,8 @@ class Distiller:
             o = torch.full((cfg.forget_batch,), cfg.override_class())
         labels = torch.cat([retain, forget])
         is_forget = labels == cfg.forget
-        return labels, torch.cat([retain, o]), is_forget, class_weights(is_forget, cfg.forget_weight)
+        coefficients = row_coefficients(is_forget, cfg.forget_weight, cfg.weighting)
+        return labels, torch.cat([retain, o]), is_forget, coefficients
 
     def _noise(self, n: int) -> Tensor:
         return torch.randn((n, *self.shape), generator=self.gen)
@@ -382,28 +475,30 @@ class Distiller:
 
     # ---- the two losses --------------------------------------------------------------------------
 
-    def pseudo_loss(self, labels: Tensor, weights: Tensor) -> Tensor:
+    def pseudo_loss(self, labels: Tensor, coefficients: Tensor) -> Tensor:
         with torch.no_grad():
             x0 = self.generator(self._noise(len(labels)), labels)
         t, eps = self._times(len(labels)), self._noise(len(labels))
         pred = self.pseudo(self.schedule.q_sample(x0, t, eps), t, labels)
-        return weighted_mean(denoising_loss(pred, eps), weights)
+        return (denoising_loss(pred, eps, pixel_reduction(self.cfg.weighting)) * coefficients).sum()
 
-    def generator_loss(self, labels: Tensor, teacher_labels: Tensor, weights: Tensor) -> Tensor:
-        """SiD loss; the forget rows ask the teacher about the override class (teacher_labels)."""
+    def generator_loss(self, labels: Tensor, teacher_labels: Tensor, coefficients: Tensor) -> Tensor:
+        """SiD loss (summed over pixels); the forget rows ask the teacher about the override class
+        (teacher_labels)."""
         x0 = self.generator(self._noise(len(labels)), labels)
         t, eps = self._times(len(labels)), self._noise(len(labels))
         xt = self.schedule.q_sample(x0, t, eps)
         f_teacher = self.schedule.x0_from_eps(xt, t, self.teacher(xt, t, teacher_labels))
         f_pseudo = self.schedule.x0_from_eps(xt, t, self.pseudo(xt, t, labels))
-        return weighted_mean(sid_loss(x0, f_teacher, f_pseudo, self.cfg.alpha), weights)
+        return (sid_loss(x0, f_teacher, f_pseudo, self.cfg.alpha) * coefficients).sum()
 
     def forget_only_loss(self) -> Tensor:
         """The forgetting term alone (forget-class rows), the loss that defines one-shot saliency."""
         cfg = self.cfg
         labels, teacher_labels, _, _ = self._labels()
         rows = slice(cfg.batch, None)
-        return self.generator_loss(labels[rows], teacher_labels[rows], torch.ones(cfg.forget_batch))
+        mean = torch.full((cfg.forget_batch,), 1.0 / cfg.forget_batch)
+        return self.generator_loss(labels[rows], teacher_labels[rows], mean)
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -588,6 +683,8 @@ class Distiller:
             "initial": self.initial,
             "config": asdict(cfg),
             "model": self.ctx.info.to_json(),
+            "init": cfg.init,
+            "init_path": None if self.ctx.start_path is None else str(self.ctx.start_path),
             "classifier_checkpoint": None
             if self.ctx.classifier_path is None
             else str(self.ctx.classifier_path),

@@ -21,11 +21,11 @@ def test_full_mask_equals_sfd_and_unselected_weights_stay_frozen():
     for a, b in zip(sfd.gen_params, full.gen_params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     half = run(method="pecker", ratio=0.5)
-    teacher = list(half.ctx.teacher.parameters())
+    start = list(half.ctx.start.parameters())  # the packaged distilled generator (the default --init)
     masks = half.opt_g.masks()
     moved = 0
-    for p, t, m in zip(half.gen_params, teacher, masks, strict=True):
-        assert torch.equal(p[~m], t[~m])  # unselected: exactly the teacher's value
+    for p, t, m in zip(half.gen_params, start, masks, strict=True):
+        assert torch.equal(p[~m], t[~m])  # unselected: exactly the starting generator's value
         moved += int((p[m] != t[m]).sum())
     assert moved > 0
 
@@ -46,4 +46,6 @@ def test_forget_rows_ask_teacher_about_override():
     (c,) = seen
     assert torch.equal(c[is_forget], torch.full((cfg.forget_batch,), 7))
     assert torch.equal(c[~is_forget], labels[~is_forget]) and not (labels[~is_forget] == 2).any()
-    assert torch.equal(weights[is_forget], torch.full((cfg.forget_batch,), cfg.forget_weight))
+    # SFD's normalisation (the default): 0.01 x the mean over the forget batch, the mean over the rest.
+    assert torch.allclose(weights[is_forget], torch.full((cfg.forget_batch,), 0.01 / cfg.forget_batch))
+    assert torch.allclose(weights[~is_forget], torch.full((cfg.batch,), 1 / cfg.batch))
