@@ -367,6 +367,8 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     options = {**_RECORDED_LATER, **options}
     resumed = argparse.Namespace(**{k: options[k] for k in (*_RECORDED, *_RECORDED_LATER)})
     resumed.out, resumed.resume, resumed.no_progress = out, out, args.no_progress
+    if getattr(args, "jobs", 1) != 1:  # how many runs at once does not change any result
+        resumed.jobs = args.jobs
     resumed.argv, resumed.command = args.argv, args.command
     resumed.recorded = record
     return resumed
