@@ -608,6 +608,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .unlearn.nets import UNET_CLASSES, EpsNet
 
     _threads(args.threads)
+    if args.prompt is not None:
+        from .unlearn import concept_cli
+
+        return concept_cli.cmd_sample(args)
+    if args.class_ is None:
+        raise ValueError("--class C (a class-forgetting run) or --prompt P (a concept run) is required")
     record = runs.read_run(args.run)
     if "generator" not in record:
         parts = sorted(p.name for p in Path(args.run).iterdir() if (p / "run.json").is_file())
@@ -792,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unlearn_args(p, out_required=False)
     p = sub.add_parser("sample", help="draw samples of one class from a finished run's generator")
     p.add_argument("--run", type=Path, required=True, help="the run folder (holding run.json, generator/)")
-    p.add_argument("--class", dest="class_", metavar="C", type=int, required=True, help="the class to draw")
+    p.add_argument("--class", dest="class_", metavar="C", type=int, default=None, help="the class to draw")
+    p.add_argument("--prompt", default=None, help="the prompt to draw (a concept-forgetting run)")
     p.add_argument("-n", type=int, default=20, help="how many samples (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
@@ -831,12 +838,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="a model folder (default: runs/<dataset>_generator)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--threads", type=int, default=None)
+    from .unlearn import concept_cli
+
+    concept_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .unlearn.data import DatasetUnavailableError
 
+    from .unlearn import concept_cli
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["unlearn"] and concept_cli.wants_concept(words[1:]):  # a text-conditioned pipeline
+        try:
+            return concept_cli.cmd_unlearn(words[1:])
+        except (ValueError, DatasetUnavailableError) as e:
+            raise SystemExit(f"pecker unlearn: error: {e}") from e
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
@@ -847,6 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "train-text-teacher":
+            return concept_cli.cmd_train_text(args)
         if args.command == "train-generator":
             return cmd_train_generator(args)
         return cmd_train(args, args.command.removeprefix("train-"))

@@ -1,0 +1,227 @@
+"""Concept forgetting on a tiny random StableDiffusionPipeline built here from configs (a VAE, a CLIP text
+encoder and a CLIP tokenizer made from a small local vocabulary: nothing from a hub): the run, its
+reloadable generator, the mask fraction, sampling by prompt, resuming, fp16 and gradient checkpointing,
+and the options refused before any output."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from pecker_kernels.cli import main
+from pecker_kernels.unlearn.concept import ConceptConfig, ConceptDistiller
+from pecker_kernels.unlearn.text import clip_tokenizer, load_pipeline
+
+WORDS = ("a", "photo", "of", "cat", "dog", "tree", "house", "painting")
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline(tmp_path_factory):
+    """A random StableDiffusionPipeline: 16x16 RGB images, 4x8x8 latents, cross-attention on 16-d text."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd")
+    tokenizer = clip_tokenizer(root / "vocab", WORDS, max_length=8)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = root / "tiny-sd"
+    pipe.save_pretrained(folder)
+    (root / "retain.txt").write_text("a photo of a tree\n# a comment\n\na house\n")
+    return folder
+
+
+FAST = [
+    "--forget-prompt", "a photo of a cat", "--anchor-prompt", "a photo of a dog", "--steps", "4",
+    "--batch", "2", "--forget-batch", "2", "--mask-batches", "1", "--samples", "2", "--cfg", "2",
+    "--cfg-fake", "1.5", "--lr", "1e-3", "--lr-pseudo", "1e-3", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+def weights(out):
+    return load_file(out / "generator" / "diffusion_pytorch_model.safetensors")
+
+
+def test_run_keeps_a_reloadable_generator_moved_at_most_the_ratio_and_samples_by_prompt(
+    sd_pipeline, tmp_path
+):
+    out = tmp_path / "run"
+    retain = str(sd_pipeline.parent / "retain.txt")
+    argv = ["unlearn", "--model", str(sd_pipeline), *FAST, "--retain-prompts", retain, "--ratio", "0.3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["recipe"] == "concept" and not (out / "checkpoint").exists()
+    assert record["concept_config"]["retain_prompts"] == ["a photo of a tree", "a house"]
+    assert record["generator"]["latent_shape"] == [4, 8, 8] and record["generator"]["t_init"] == 625
+    metrics = json.loads((out / "metrics.json").read_text())
+    n = metrics["generator_parameters"]
+    assert round(metrics["updated_fraction"] * n) == math.floor(0.3 * n)
+    assert all(
+        math.isfinite(v) for v in json.loads((out / "history.json").read_text())["train"]["loss_generator"]
+    )
+
+    generator = UNet2DConditionModel.from_pretrained(out / "generator")
+    teacher = UNet2DConditionModel.from_pretrained(sd_pipeline / "unet")
+    moved = sum(
+        int((p != t).sum()) for p, t in zip(generator.parameters(), teacher.parameters(), strict=True)
+    )
+    assert 0 < moved <= math.floor(0.3 * n)  # only the one-shot mask's weights (and their EMA) moved
+
+    grid, tensor = tmp_path / "cat.png", tmp_path / "cat.pt"
+    argv = ["sample", "--run", str(out), "--prompt", "a photo of a cat", "-n", "3", "--out", str(grid)]
+    assert main([*argv, "--tensor", str(tensor)]) == 0
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+    images = torch.load(tensor)
+    assert images.shape == (3, 3, 16, 16) and images.abs().max() <= 1  # decoded by the pipeline's VAE
+    for png in ("samples_before.png", "samples_after.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_run_resumes_bit_identical(sd_pipeline, tmp_path, monkeypatch):
+    argv = ["unlearn", "--model", str(sd_pipeline), *FAST, "--refresh-every", "2", "--steps", "3"]
+    whole = tmp_path / "whole"
+    assert main([*argv, "--out", str(whole)]) == 0
+
+    real_step = ConceptDistiller.train_step
+
+    def signal_at_step_2(self):
+        real_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(ConceptDistiller, "train_step", signal_at_step_2)
+    assert main([*argv, "--out", str(cut)]) == 128 + signal.SIGINT
+    assert json.loads((cut / "run.json").read_text())["status"] == "interrupted"
+    assert json.loads((cut / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
+    monkeypatch.setattr(ConceptDistiller, "train_step", real_step)
+    assert main(["unlearn", "--resume", str(cut), "--no-progress"]) == 0
+    expected, got = weights(whole), weights(cut)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    history = json.loads((whole / "history.json").read_text())
+    assert json.loads((cut / "history.json").read_text()) == history
+    with pytest.raises(SystemExit, match="is finished; nothing to resume"):
+        main(["unlearn", "--resume", str(cut)])
+
+
+def _distiller(folder, **overrides):
+    config = ConceptConfig(
+        model=str(folder),
+        forget_prompts=["a photo of a cat"],
+        anchor_prompt="a photo of a dog",
+        batch=2,
+        forget_batch=2,
+        mask_batches=1,
+        samples=1,
+        cfg=2.0,
+        cfg_fake=2.0,
+        **overrides,
+    )
+    config.validate()
+    return ConceptDistiller(config, load_pipeline(folder, with_vae=False))
+
+
+def test_gradient_checkpointing_gives_the_same_generator_gradient(sd_pipeline):
+    grads = []
+    for checkpointing in (False, True):
+        d = _distiller(sd_pipeline, gradient_checkpointing=checkpointing)
+        assert d.generator.net.unet.is_gradient_checkpointing == checkpointing
+        d.generator_loss(*d._batch()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in d.gen_params]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_steps_under_autocast_and_keep_fp32_master_weights(sd_pipeline, precision):
+    d = _distiller(sd_pipeline, precision=precision, refresh_every=1, lr_generator=1e-3, ratio=0.25)
+    assert d.scaler_g.is_enabled() == (precision == "fp16")
+    before = [p.detach().clone() for p in d.gen_params]
+    d.setup()
+    while d.step < 8 and (d.step < 2 or all(d.history["skipped"])):  # fp16: the scaler's first steps may skip
+        d.train_step()
+    assert not all(d.history["skipped"])
+    assert all(p.dtype == torch.float32 for p in d.gen_params)
+    assert next(d.teacher.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    moved = sum(int((p != b).sum()) for p, b in zip(d.gen_params, before, strict=True))
+    total = sum(p.numel() for p in d.gen_params)
+    assert 0 < moved <= d.step * math.floor(0.25 * total)  # a reselected mask per step at most
+    assert all(math.isfinite(v) for v in d.history["loss_generator"] + d.history["loss_pseudo"])
+    state = d.state_dict()
+    assert ("scale" in state["scaler_g"]) == (precision == "fp16")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--anchor-prompt", "a photo of a cat"], "is also a forget prompt"),
+        (["--precision", "fp8"], "--precision must be one of"),
+        (["--distributed"], "--distributed is not supported for concept forgetting"),
+        (["--cfg", "0.5"], "--cfg must be >= 1"),
+        (["--init-timestep", "1000"], "--init-timestep"),
+        (["--eval-prompts", "missing.json"], "--eval-prompts missing.json"),
+    ],
+)
+def test_bad_options_are_refused_before_any_output(sd_pipeline, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(ConceptDistiller, "__init__", lambda *a: pytest.fail("built"))
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match=message):
+        main(["unlearn", "--model", str(sd_pipeline), *FAST, *extra, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_forget_prompts_on_a_class_conditional_model_are_refused(concat_pipeline, tmp_path):
+    with pytest.raises(SystemExit, match="is not a text-conditioned pipeline folder"):
+        main(["unlearn", "--model", str(concat_pipeline), *FAST, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
