@@ -845,9 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .unlearn.data import DatasetUnavailableError
-
     from .unlearn import concept_cli
+    from .unlearn.data import DatasetUnavailableError
 
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["unlearn"] and concept_cli.wants_concept(words[1:]):  # a text-conditioned pipeline
