@@ -40,6 +40,17 @@ timeout 210 "$py" -m benchmarks.bench_step --device cuda --sizes 1e6 1e7 1e8 1e9
   >"$out/bench.log" 2>&1
 status bench $?
 
+# --- Concept-forgetting step at SD-1.5's full size (benchmarks/bench_sd_step.py) -------------------------
+# Three UNet2DConditionModels of 859.5M parameters (fp16 autocast, 64x64 latents, batch 4 + 4, CFG 4.5), four
+# generator-update arms, each in its own process; needs diffusers (the carried .whl). It does not fit the
+# 9 minutes beside the steps above, so it runs only when asked (PECKER_SD_BENCH=1) and then needs a call of
+# up to 150 s more; sd_step/sd_step.json is written after every arm, so a timeout keeps what ran.
+if [ "${PECKER_SD_BENCH:-0}" = 1 ]; then
+  timeout 150 "$py" -m benchmarks.bench_sd_step --device cuda --steps 3 --out "$out/sd_step" >"$out/sd_step.log" 2>&1
+  status sd_step $?
+fi
+# --- end of the concept-forgetting step -------------------------------------------------------------------
+
 { echo "{"; cat "$out/steps.part"; printf '  "versions": "%s"\n}\n' "$(tr -d '\n' <"$out/versions.txt")"; } \
   >"$out/gpu_check.json"
 rm -f "$out/steps.part"
