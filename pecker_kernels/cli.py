@@ -615,6 +615,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.class_ is None:
         raise ValueError("--class C (a class-forgetting run) or --prompt P (a concept run) is required")
     record = runs.read_run(args.run)
+    if record.get("recipe") == "concept":
+        raise ValueError(f"{args.run} is a concept-forgetting run: sample it with --prompt P")
     if "generator" not in record:
         parts = sorted(p.name for p in Path(args.run).iterdir() if (p / "run.json").is_file())
         hint = f"; its runs: {', '.join(str(Path(args.run) / p) for p in parts)}" if parts else ""
