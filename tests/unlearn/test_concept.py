@@ -126,6 +126,8 @@ def test_run_keeps_a_reloadable_generator_moved_at_most_the_ratio_and_samples_by
     assert images.shape == (3, 3, 16, 16) and images.abs().max() <= 1  # decoded by the pipeline's VAE
     for png in ("samples_before.png", "samples_after.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="is a concept-forgetting run: sample it with --prompt"):
+        main(["sample", "--run", str(out), "--class", "0", "--out", str(grid)])
 
 
 def test_interrupted_run_resumes_bit_identical(sd_pipeline, tmp_path, monkeypatch):
