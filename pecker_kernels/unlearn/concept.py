@@ -339,6 +339,10 @@ class ConceptDistiller:
         scale = self.scaler_g.get_scale() if self.scaler_g.is_enabled() else 1.0
         self.scaler_g.unscale_(self.opt_g)
         finite = math.isfinite(lg)
+        # fp16: an overflowing gradient skips the step (GradScaler), and the reselection with it.
+        if finite and self.scaler_g.is_enabled():
+            grads = [p.grad for p in self.gen_params if p.grad is not None]
+            finite = bool(torch.stack([g.isfinite().all() for g in grads]).all())
         if cfg.method == "pecker" and cfg.refresh_every > 0 and self.step % cfg.refresh_every == 0 and finite:
             self.opt_g.compute_mask()
             t3 = timer.add("mask", t3)
