@@ -48,7 +48,7 @@ def text_unet_config(image_size: int = 8, channels: int = 1, text_dim: int = 32)
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=(32, 48),
+        block_out_channels=(16, 32),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
