@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     note = (
         f"The mask alone: int64 {masks['int64'] / 2**20:.1f} MiB, bool {masks['bool'] / 2**20:.1f} MiB, "
         f"packed bits {masks['packed_bits'] / 2**20:.1f} MiB. 'mask + update %' = mask handling + "
-        "generator update as a share of the step (the fused SalientAdam step applies the mask inside the update). Peak memory: "
+        "generator update as a share of the step (the fused SalientAdam step applies the mask inside "
+        "the update). Peak memory: "
         f"{r0['peak_memory_kind']} of the arm's own process."
     )
     text = f"{title}\n\n{table(rows)}\n\n{note}\n"
