@@ -344,11 +344,19 @@ _RECORDED = (
     "forget_weight", "alpha", "ema", "t_init", "eval_every", "eval_samples", "final_samples", "target",
     "teacher_ddim_steps", "classifier", "checkpoint_every", "threads", "distributed",
 )  # fmt: skip
+_NAMED_INITS = ("distilled", "teacher")  # --init values that are not folders
 # Options added later: a run recorded before them resumes with these values (what it ran with).
 _RECORDED_LATER = {
     "init": "teacher", "weighting": "pooled", "score": "grad", "seeds": None, "variants": None,
     "lr_grid": None, "tune_seed": None, "frechet_tolerance": 0.1, "jobs": 1,
 }  # fmt: skip
+
+
+def _is_path(option: str, value: object) -> bool:
+    """Whether a recorded option's value is a path (recorded absolute)."""
+    if value is None:
+        return False
+    return option in ("model", "classifier") or (option == "init" and value not in _NAMED_INITS)
 
 
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -358,6 +366,12 @@ def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     out = args.resume
     if args.out is not None and Path(args.out) != out:
         raise ValueError("--resume OUT continues the run in OUT; give no other --out")
+    defaults = build_parser().parse_args(["unlearn", "--resume", str(out)])
+    keys = (*_RECORDED, *_RECORDED_LATER)
+    given = [k for k in keys if k != "jobs" and getattr(args, k, None) != getattr(defaults, k, None)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"--resume continues with the options the run recorded; drop {flags}")
     record = runs.read_run(out)
     if record.get("status") == "done":
         raise ValueError(f"the run in {out} is finished; nothing to resume")
@@ -381,6 +395,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         args = _resume_args(args)
     elif args.out is None:
         raise ValueError("--out OUT (a new folder) is required, or --resume OUT to continue a run")
+    else:  # absolute paths, as the run records them: a resume may start from another directory
+        for option in ("model", "classifier", "init"):
+            if _is_path(option, getattr(args, option, None)):
+                setattr(args, option, str(Path(getattr(args, option)).resolve()))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     _threads(args.threads)
@@ -419,11 +437,11 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
             _run_one(c, ctx, None, None, False, stop)
         return 0
     out: Path = args.out
-    lock = runs.RunLock(out).acquire() if args.resume is not None else runs.create_out(out)
+    lock = runs.resume_lock(out) if args.resume is not None else runs.create_out(out)
     with lock, _StopFlag() as stop:
         start = time.perf_counter()
         command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out))
+        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out.resolve()))
         record = getattr(args, "recorded", None) or {
             "command": command,
             "options": {
@@ -531,11 +549,11 @@ def _unlearn_seeded(args: argparse.Namespace) -> int:
         for lr in grid:
             compare.variant_config(base, v, lr, base.seed).validate(ctx.num_classes, ctx.schedule.steps)
     out: Path = args.out
-    lock = runs.RunLock(out).acquire() if args.resume is not None else runs.create_out(out)
+    lock = runs.resume_lock(out) if args.resume is not None else runs.create_out(out)
     with lock, _StopFlag():
         start = time.perf_counter()
         command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out))
+        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out.resolve()))
         record = getattr(args, "recorded", None) or {
             "command": command,
             "options": {
@@ -670,13 +688,20 @@ def _check_train_args(args: argparse.Namespace, kind: str) -> Path:
     out = Path(args.out) if args.out else Path("runs") / (stem if folder else f"{stem}.pt")
     if out.is_symlink():
         raise ValueError(f"--out {out} is a symbolic link; give the real path")
-    if out.exists() and not args.force:
-        where = "a packaged checkpoint" if checkpoints.is_packaged(out) else "it"
-        raise ValueError(f"{out} exists ({where}); pass --force to replace it")
+    if not folder and out.suffix == ".json":
+        raise ValueError(
+            f"--out {out}: a checkpoint needs another suffix (its record is written to a .json beside it)"
+        )
+    for path in (out,) if folder else (out, out.with_suffix(".json")):
+        if path.exists() and not args.force:
+            where = "a packaged checkpoint" if checkpoints.is_packaged(path) else "it"
+            raise ValueError(f"{path} exists ({where}); pass --force to replace it")
     return out
 
 
 def cmd_train(args: argparse.Namespace, kind: str) -> int:
+    import math
+
     from .unlearn import atomic, checkpoints, runs
     from .unlearn.data import load_dataset
     from .unlearn.train import teacher_samples, train_classifier, train_teacher
@@ -690,6 +715,10 @@ def cmd_train(args: argparse.Namespace, kind: str) -> int:
     log_every = max(1, args.steps // 20)
 
     def progress(step: int, loss: float) -> None:
+        if not math.isfinite(loss):  # nothing is written: the output would be a NaN model
+            raise ValueError(
+                f"step {step + 1}: the training loss is {loss}; nothing was written (lower --lr?)"
+            )
         if step % log_every == 0 or step == args.steps - 1:
             print(f"{kind} step {step + 1}/{args.steps} loss {loss:.4f}", flush=True)
 

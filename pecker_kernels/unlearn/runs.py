@@ -101,6 +101,19 @@ def create_out(out: Path) -> RunLock:
     return lock
 
 
+def resume_lock(out: Path) -> RunLock:
+    """Lock the run folder ``out`` to resume it; ValueError if its run finished meanwhile (another
+    process may have completed it between reading run.json and taking the lock)."""
+    lock = RunLock(out).acquire()
+    try:
+        if read_run(out).get("status") == "done":
+            raise ValueError(f"the run in {out} is finished; nothing to resume")
+    except ValueError:
+        lock.release()
+        raise
+    return lock
+
+
 def read_run(folder: Path) -> dict[str, Any]:
     """``folder/run.json``; ValueError when there is none."""
     path = Path(folder) / "run.json"
@@ -139,12 +152,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is not readable: {e}") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"checkpoint {path} is damaged ({reason}); remove {path.parent} to restart that run from step 0"
+        ) from e
 
 
 def remove_checkpoint(part: Path) -> None:
+    """The checkpoint, the one moved aside, and staging folders a killed write left behind."""
     shutil.rmtree(part / CHECKPOINT, ignore_errors=True)
-    for old in part.glob(f".{CHECKPOINT}.old-*"):
+    for old in (*part.glob(f".{CHECKPOINT}.old-*"), *part.glob(f".{CHECKPOINT}.tmp-*")):
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -138,6 +138,8 @@ class UnlearnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{option(name)} must be an integer >= 0, got {value!r}")
+        if self.seed >= 2**63:  # torch's generators take a signed 64-bit seed
+            raise ValueError(f"--seed must be below 2**63, got {self.seed}")
         if self.final_samples < 2:
             raise ValueError(
                 f"--final-samples must be >= 2 (Frechet needs a covariance), got {self.final_samples}"
@@ -176,6 +178,15 @@ class UnlearnConfig:
     def validate(self, num_classes: int, timesteps: int = 1000) -> None:
         """Raise ValueError on anything that cannot run; called before any work or output."""
         self.validate_options()
+        if num_classes < 2:
+            raise ValueError(
+                f"the model has {num_classes} class(es) to sample; forgetting one needs at least 2"
+            )
+        if self.teacher_ddim_steps > timesteps:
+            raise ValueError(
+                f"--teacher-ddim-steps must be <= the schedule's {timesteps} steps, "
+                f"got {self.teacher_ddim_steps}"
+            )
         if (
             isinstance(self.forget, bool)
             or not isinstance(self.forget, int)
