@@ -241,7 +241,11 @@ class _StopFlag:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nsignal {signum}: checkpointing after this step (again to stop at once)", file=sys.stderr)
+        print(
+            f"\nsignal {signum}: stopping with a checkpoint after the current training step (set-up and the"
+            " final evaluation run to their end first); again to stop at once",
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> _StopFlag:
         import signal
@@ -645,8 +649,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"{folder} holds no generator yet (run status: {record.get('status')})")
     if not 0 <= args.class_ < g["num_classes"]:
         raise ValueError(f"--class must be in [0, {g['num_classes']}), got {args.class_}")
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
+    if not 1 <= args.n <= 10_000:
+        raise ValueError(f"-n must be in [1, 10000], got {args.n}")
+    for option, path in (("--out", args.out), ("--tensor", args.tensor)):
+        if path is not None and (Path(path).is_dir() or not os.access(Path(path).parent.resolve(), os.W_OK)):
+            raise ValueError(f"{option} {path} is a folder or cannot be written")
     schedule = Schedule.from_config(record["schedule"])
     unet = (
         UNET_CLASSES[g["class"]]

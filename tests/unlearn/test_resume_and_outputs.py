@@ -84,3 +84,12 @@ def test_train_classifier_refuses_a_json_output_and_an_existing_record(tmp_path)
     with pytest.raises(SystemExit, match=r"mine\.json exists"):
         main(["train-classifier", "--steps", "1", "--batch", "8", "--out", str(tmp_path / "mine.pt")])
     assert (tmp_path / "mine.json").read_text() == "{}"
+
+
+def test_sample_refuses_a_folder_as_output_and_absurd_counts_before_any_work(interrupted, tmp_path):
+    assert main(["unlearn", "--resume", str(interrupted), "--no-progress"]) == 0
+    run = ["sample", "--run", str(interrupted), "--class", "1"]
+    with pytest.raises(SystemExit, match="is a folder or cannot be written"):
+        main([*run, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"-n must be in \[1, 10000\]"):
+        main([*run, "-n", "1000000000", "--out", str(tmp_path / "grid.png")])
