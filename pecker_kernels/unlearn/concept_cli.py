@@ -116,6 +116,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay (what is saved)")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance of the recorded DDIM samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="a pipeline folder (default: runs/<dataset>_text_pipeline)")
@@ -159,6 +160,7 @@ def cmd_train_text(args: argparse.Namespace) -> int:
             data,
             Path(work),
             steps=args.steps,
+            ema=args.ema,
             batch=args.batch,
             lr=args.lr,
             seed=args.seed,
