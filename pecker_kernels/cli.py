@@ -264,6 +264,53 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
+def resume_command(out: Path) -> str:
+    """How to continue the run in ``out``, from any directory."""
+    return "python -m pecker_kernels unlearn --resume " + shlex.quote(str(Path(out).resolve()))
+
+
+class RunStatus:
+    """``OUT/run.json`` through a run's life: ``running`` while the block works, then ``done``,
+    ``interrupted`` (with the step), or ``failed`` (with the error), each said once and the same way
+    for every kind of run. ``Interrupted`` ends the block quietly: ``exit_code`` is then 128 + the
+    signal; every other error is re-raised once run.json says what happened. ``kept`` says what an
+    interrupted or failed run leaves to resume from."""
+
+    def __init__(self, out: Path, record: dict, kept: str = "its checkpoint") -> None:
+        from .unlearn import runs
+
+        self.out, self.record, self.kept, self._write = out, record, kept, runs.write_json
+        self.command = resume_command(out)
+        self.exit_code: int | None = None
+
+    def save(self) -> None:
+        self._write(self.out / "run.json", self.record)
+
+    def __enter__(self) -> RunStatus:
+        self.record.update(status="running", resume_command=self.command, pid=os.getpid())
+        self.record.pop("error", None)
+        self.save()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> bool:
+        where = f"{self.kept} stays in {self.out}"
+        if kind is None:
+            self.record.update(status="done")
+            self.record.pop("pid", None)
+        elif issubclass(kind, Interrupted):
+            self.record.update(status="interrupted", step=error.step)
+            print(f"interrupted at step {error.step}; {where}; resume with:\n  {self.command}")
+            self.exit_code = 128 + error.signum
+        elif issubclass(kind, KeyboardInterrupt):  # a second signal: stopped at once
+            self.record.update(status="interrupted")
+            print(f"stopped at once; {where}; resume with:\n  {self.command}")
+        else:
+            self.record.update(status="failed", error=f"{kind.__name__}: {error}")
+            print(f"the run failed; {where}; after a fix: {self.command}", file=sys.stderr)
+        self.save()
+        return kind is not None and issubclass(kind, Interrupted)
+
+
 def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: bool, stop: _StopFlag) -> dict:
     """One method's run in ``part`` (None: a non-lead rank, which writes nothing): from its checkpoint
     when there is one; checkpoints every ``checkpoint_every`` steps and when a signal arrives."""
@@ -363,6 +410,20 @@ def _is_path(option: str, value: object) -> bool:
     return option in ("model", "classifier") or (option == "init" and value not in _NAMED_INITS)
 
 
+def _new_record(args: argparse.Namespace, ctx) -> dict:
+    """A new run's run.json: the command, every recorded option, the model and the schedule."""
+    return {
+        "command": "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k in _RECORDED or k in _RECORDED_LATER
+        },
+        "model": ctx.info.to_json(),
+        "schedule": ctx.schedule.config,
+    }
+
+
 def _resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """The recorded options of the run in ``args.resume`` (its progress bar choice is this call's)."""
     from .unlearn import runs
@@ -444,25 +505,11 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
     lock = runs.resume_lock(out) if args.resume is not None else runs.create_out(out)
     with lock, _StopFlag() as stop:
         start = time.perf_counter()
-        command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out.resolve()))
-        record = getattr(args, "recorded", None) or {
-            "command": command,
-            "options": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if k in _RECORDED or k in _RECORDED_LATER
-            },
-            "model": ctx.info.to_json(),
-            "schedule": ctx.schedule.config,
-            "methods": {m: "pending" for m in methods},
-        }
+        record = getattr(args, "recorded", None) or _new_record(args, ctx)
+        record["methods"] = record.get("methods") or {m: "pending" for m in methods}
         if not args.compare:
             record["generator"] = runs.generator_record(ctx, configs[0])
-        record.update(status="running", resume_command=resume_command, pid=os.getpid())
-        record.pop("error", None)
-        runs.write_json(out / "run.json", record)
-        try:
+        with RunStatus(out, record) as status:
             teacher = _teacher_reference(ctx, configs[0], out)
             results = {}
             for c in configs:
@@ -471,7 +518,7 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
                     results[c.method] = runs.load_result(part)
                     continue
                 record["methods"][c.method] = "running"
-                runs.write_json(out / "run.json", record)
+                status.save()
                 results[c.method] = _run_one(c, ctx, part, teacher, not args.no_progress, stop)
                 if args.compare:
                     skip = ("methods", "generator", "pid", "resume_command")
@@ -481,8 +528,10 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
                     )
                     runs.write_json(part / "run.json", part_record)
                 record["methods"][c.method] = "done"
-                runs.write_json(out / "run.json", record)
+                status.save()
             text = runs.table(results, teacher)
+            from .unlearn import atomic
+
             if args.compare:
                 from .unlearn import plots
 
@@ -490,36 +539,13 @@ def _unlearn(args: argparse.Namespace, lead: bool) -> int:
                     out / "compare.json", {n: r["metrics"] for n, r in results.items()} | {"teacher": teacher}
                 )
                 plots.comparison(out / "compare.png", results, f"forget {configs[0].forget}: pecker vs sfd")
-                from .unlearn import atomic
-
                 atomic.write_text(out / "compare.md", text)
             else:
-                from .unlearn import atomic
-
                 atomic.write_text(out / "summary.md", text)
             for c in configs:
                 runs.remove_checkpoint(out / c.method if args.compare else out)
-        except Interrupted as e:
-            record.update(status="interrupted", step=e.step)
-            runs.write_json(out / "run.json", record)
-            print(f"interrupted at step {e.step}; checkpoint in {out}; resume with:\n  {resume_command}")
-            return 128 + e.signum
-        except KeyboardInterrupt:
-            record.update(status="interrupted")
-            runs.write_json(out / "run.json", record)
-            print(f"stopped at once; the last checkpoint in {out} resumes with:\n  {resume_command}")
-            raise
-        except BaseException as e:
-            record.update(status="failed", error=f"{type(e).__name__}: {e}")
-            runs.write_json(out / "run.json", record)
-            print(
-                f"the run failed; what it wrote stays in {out}; after a fix: {resume_command}",
-                file=sys.stderr,
-            )
-            raise
-        record.update(status="done")
-        record.pop("pid", None)
-        runs.write_json(out / "run.json", record)
+    if status.exit_code is not None:
+        return status.exit_code
     print(text)
     print(f"results in {out} ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -556,43 +582,15 @@ def _unlearn_seeded(args: argparse.Namespace) -> int:
     lock = runs.resume_lock(out) if args.resume is not None else runs.create_out(out)
     with lock, _StopFlag():
         start = time.perf_counter()
-        command = "python -m pecker_kernels " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
-        resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out.resolve()))
-        record = getattr(args, "recorded", None) or {
-            "command": command,
-            "options": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if k in _RECORDED or k in _RECORDED_LATER
-            },
-            "model": ctx.info.to_json(),
-            "schedule": ctx.schedule.config,
-        }
-        record.update(status="running", resume_command=resume_command, pid=os.getpid())
-        record.pop("error", None)
-        runs.write_json(out / "run.json", record)
-        try:
+        record = getattr(args, "recorded", None) or _new_record(args, ctx)
+        with RunStatus(out, record, kept="every finished run") as status:
             teacher = _teacher_reference(ctx, base, out)
             result = compare.seeded_compare(
                 base, ctx, out, teacher, variants, grid, args.seeds, args.tune_seed, tol, args.jobs,
                 log=lambda line: print(line, flush=True),
             )  # fmt: skip
-        except Interrupted as e:
-            record.update(status="interrupted", step=e.step)
-            runs.write_json(out / "run.json", record)
-            print(f"interrupted; finished runs stay in {out}; resume with:\n  {resume_command}")
-            return 128 + e.signum
-        except BaseException as e:
-            record.update(status="failed", error=f"{type(e).__name__}: {e}")
-            runs.write_json(out / "run.json", record)
-            print(
-                f"the comparison stopped; finished runs stay in {out}; resume: {resume_command}",
-                file=sys.stderr,
-            )
-            raise
-        record.update(status="done")
-        record.pop("pid", None)
-        runs.write_json(out / "run.json", record)
+    if status.exit_code is not None:
+        return status.exit_code
     print(compare.table(result))
     print(f"results in {out} ({time.perf_counter() - start:.0f} s)")
     return 0

@@ -20,9 +20,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -629,7 +627,7 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
     """``unlearn`` on a text-conditioned pipeline: a new run in ``--out`` or ``--resume OUT``."""
     from tqdm import tqdm
 
-    from ..cli import Interrupted, _StopFlag, _threads
+    from ..cli import Interrupted, RunStatus, _StopFlag, _threads
     from . import runs
 
     recorded = None
@@ -667,8 +665,7 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
     from ..unlearn.trainer import check_backend
 
     check_backend(config.backend)
-    lock = runs.RunLock(out).acquire() if recorded is not None else runs.create_out(out)
-    resume_command = "python -m pecker_kernels unlearn --resume " + shlex.quote(str(out))
+    lock = runs.resume_lock(out) if recorded is not None else runs.create_out(out)
     with lock, _StopFlag() as stop:
         record = recorded or {
             "recipe": "concept",
@@ -679,10 +676,7 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
             "schedule": pipe.schedule.config,
             "generator": generator_record(config, pipe),
         }
-        record.update(status="running", resume_command=resume_command, pid=os.getpid())
-        record.pop("error", None)
-        runs.write_json(out / "run.json", record)
-        try:
+        with RunStatus(out, record) as status:
             d = ConceptDistiller(config, pipe, classifier)
             found = runs.find_checkpoint(out)
             if found is not None:
@@ -725,26 +719,8 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
             result = d.finish()
             write_results(out, result, d)
             runs.remove_checkpoint(out)
-        except Interrupted as e:
-            record.update(status="interrupted", step=e.step)
-            runs.write_json(out / "run.json", record)
-            print(f"interrupted at step {e.step}; checkpoint in {out}; resume with:\n  {resume_command}")
-            return 128 + e.signum
-        except KeyboardInterrupt:
-            record.update(status="interrupted")
-            runs.write_json(out / "run.json", record)
-            raise
-        except BaseException as e:
-            record.update(status="failed", error=f"{type(e).__name__}: {e}")
-            runs.write_json(out / "run.json", record)
-            print(
-                f"the run failed; what it wrote stays in {out}; after a fix: {resume_command}",
-                file=sys.stderr,
-            )
-            raise
-        record.update(status="done")
-        record.pop("pid", None)
-        runs.write_json(out / "run.json", record)
+    if status.exit_code is not None:
+        return status.exit_code
     print((out / "summary.md").read_text())
     print(f"results in {out}")
     return 0
