@@ -8,7 +8,6 @@ interrupted run), ``demo`` (the default digits comparison), ``sample`` (draw fro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
@@ -321,16 +320,8 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
 
     d = Distiller(config, ctx)
     checkpoints_on = part is not None and not config.distributed
-    found = runs.find_checkpoint(part) if checkpoints_on else None
-    if found is not None:
-        state = runs.load_checkpoint(found)
-        if state.get("config") != dataclasses.asdict(config):
-            raise ValueError(f"{found} was written by a run with other options; it cannot be resumed")
-        d.load_state_dict(state)
-        print(f"{config.method}: resumed from step {d.step} ({found})", flush=True)
-    else:
-        d.setup()
-    saved_at = d.step if found is not None else None
+    resumed = runs.restore_or_set_up(part if checkpoints_on else None, d, config)
+    saved_at = d.step if resumed else None
 
     def save() -> None:
         nonlocal saved_at

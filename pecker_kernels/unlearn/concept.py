@@ -678,16 +678,8 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
         }
         with RunStatus(out, record) as status:
             d = ConceptDistiller(config, pipe, classifier)
-            found = runs.find_checkpoint(out)
-            if found is not None:
-                state = runs.load_checkpoint(found)
-                if state.get("config") != asdict(config):
-                    raise ValueError(f"{found} was written by a run with other options; it cannot be resumed")
-                d.load_state_dict(state)
-                print(f"{config.method}: resumed from step {d.step} ({found})", flush=True)
-            else:
-                d.setup()
-            saved_at = d.step if found is not None else None
+            resumed = runs.restore_or_set_up(out, d, config)
+            saved_at = d.step if resumed else None
 
             def save() -> None:
                 nonlocal saved_at

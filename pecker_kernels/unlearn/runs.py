@@ -158,6 +158,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from e
 
 
+def restore_or_set_up(part: Path | None, distiller: Any, config: Any) -> bool:
+    """Resume ``distiller`` from the newest checkpoint in ``part`` (True), or set it up anew (False:
+    no checkpoint, or ``part`` None). A checkpoint of other options (a dataclass ``config``) is refused."""
+    import dataclasses
+
+    found = None if part is None else find_checkpoint(part)
+    if found is None:
+        distiller.setup()
+        return False
+    state = load_checkpoint(found)
+    if state.get("config") != dataclasses.asdict(config):
+        raise ValueError(f"{found} was written by a run with other options; it cannot be resumed")
+    distiller.load_state_dict(state)
+    print(f"{config.method}: resumed from step {distiller.step} ({found})", flush=True)
+    return True
+
+
 def remove_checkpoint(part: Path) -> None:
     """The checkpoint, the one moved aside, and staging folders a killed write left behind."""
     shutil.rmtree(part / CHECKPOINT, ignore_errors=True)
