@@ -4,12 +4,16 @@ with the switch that forces each path (the switches are read once per process)."
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from .cases import ODD_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +29,62 @@ def test_cpu_parity_holds_on_the_forced_path(switch):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def _raw_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def updated_bits() -> dict[str, torch.Tensor]:
+    """Every update configuration of the parity tests, at every parameter and moment dtype, selected by
+    score and from a stored mask, run by the CPU backend of this process: each result's raw bits."""
+    from pecker_kernels.backends import cpu, eager
+    from pecker_kernels.backends.base import empty_masks
+
+    from .test_backend_parity import UPDATE_CONFIGS, _group, _ks
+
+    sizes = (*ODD_SIZES, 70_000)  # tails of every length; more than one 32k chunk
+    segments = [0] * len(sizes)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    state_dtypes = (torch.float32, torch.bfloat16)
+    paths = ("grad", "grad_weight", "stored mask")
+    out = {}
+    for name, dtype, state_dtype, path in itertools.product(UPDATE_CONFIGS, dtypes, state_dtypes, paths):
+        config = UPDATE_CONFIGS[name]
+        group = _group(config, sizes, dtype, seed=3, state_dtype=state_dtype)
+        score = "grad_weight" if path == "grad_weight" else "grad"
+        weights = group.params if score == "grad_weight" else None
+        selection = eager.select(group.grads, weights, score, segments, _ks(sizes, segments, 0.4))
+        masks = empty_masks(group.params)
+        if path == "stored mask":
+            eager.write_masks(group.grads, None, score, segments, selection, masks)
+            cpu.update(group, config, score, segments, masks_in=masks)
+        else:
+            cpu.update(group, config, score, segments, selection=selection, masks_out=masks)
+        key = f"{name}/{dtype}/{state_dtype}/{path}"
+        for field in ("params", "exp_avg", "exp_avg_sq", "ema"):
+            for i, t in enumerate(getattr(group, field) or []):
+                out[f"{key}/{field}/{i}"] = _raw_bits(t)
+        for i, m in enumerate(masks):
+            out[f"{key}/mask/{i}"] = m
+    return out
+
+
+def test_avx2_lanes_round_like_the_portable_loop(tmp_path):
+    """The AVX2 update runs eight lanes per instruction and compiles the common options away; the
+    portable kernels run one element at a time through every option. Same bits, or the lanes drifted."""
+    from pecker_kernels.backends import cpu
+
+    if cpu.cpu_module.kernel_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2: only the portable kernels exist here")
+    saved = tmp_path / "portable.pt"
+    code = (
+        "import torch; from tests.test_cpu_variants import updated_bits; "
+        f"torch.save(updated_bits(), {str(saved)!r})"
+    )
+    env = {**os.environ, "PECKER_CPU_ISA": "baseline"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=600)
+    portable, lanes = torch.load(saved), updated_bits()
+    assert portable.keys() == lanes.keys()
+    differ = [key for key in lanes if not torch.equal(lanes[key], portable[key])]
+    assert not differ, f"{len(differ)} of {len(lanes)} results differ, first: {differ[:5]}"

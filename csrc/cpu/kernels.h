@@ -64,6 +64,7 @@ struct KernelTable {
 extern const KernelTable kBaselineKernels;
 extern const KernelTable kAvx2Kernels;
 const KernelTable& kernels();  // the best table this CPU runs
+const char* kernels_isa();     // its name: "avx2" or "baseline"
 
 // ---- drivers (ops.cpp) -------------------------------------------------------------------------
 

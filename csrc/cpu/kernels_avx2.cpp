@@ -14,6 +14,8 @@
 // on this instead.
 #define PECKER_AVX2 1
 #endif
+// After the target: the element math is instantiated for the AVX2 lanes (vec8.inc) too.
+#include "pecker/step_math.h"
 
 namespace pecker {
 namespace cpu {

@@ -5,6 +5,7 @@
 // so all inline code in this file shares the option (a mismatch blocks inlining).
 #pragma GCC optimize("no-trapping-math")
 #include "kernels_prelude.h"
+#include "pecker/step_math.h"
 
 namespace pecker {
 namespace cpu {

@@ -29,6 +29,8 @@ const KernelTable& kernels() {
   return kBaselineKernels;
 }
 
+const char* kernels_isa() { return &kernels() == &kBaselineKernels ? "baseline" : "avx2"; }
+
 namespace {
 
 // Chunk of work: a multiple of 32 (mask words stay inside one chunk) and small enough to balance the
