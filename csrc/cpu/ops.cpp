@@ -3,11 +3,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -47,6 +47,12 @@ constexpr int kDigitBins = kRadixBins;
 template <class T>
 T* as_ptr(int64_t address) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+uint32_t float_bits(float x) {
+  uint32_t key;
+  std::memcpy(&key, &x, sizeof key);
+  return key;
 }
 
 struct Range {
@@ -122,6 +128,39 @@ Result select_in_memory(float* s, int64_t n, int64_t k) {
   return select_in_memory(s, m, need);
 }
 
+// The idx-th largest (0-based) of n finite scores, for two indices at once: one histogram over the
+// scores' key range finds the bucket of each, and an exact select finishes inside each bucket. `s` is
+// left as it was; `scratch` holds 2 n floats.
+std::pair<float, float> two_order_statistics(const float* s, int64_t n, int64_t idx_a, int64_t idx_b,
+                                            float* scratch) {
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, float_bits(s[i]));
+    hi = std::max(hi, float_bits(s[i]));
+  }
+  int shift = 0;
+  while (((hi - lo) >> shift) >= kDigitBins) ++shift;
+  int64_t hist[kDigitBins] = {};
+  for (int64_t i = 0; i < n; ++i) ++hist[(float_bits(s[i]) - lo) >> shift];
+  const auto bucket_of = [&](int64_t idx, int64_t& rank) {  // rank: 1-based, inside the bucket
+    rank = idx + 1;
+    int64_t b = static_cast<int64_t>((hi - lo) >> shift);
+    for (; b > 0 && hist[b] < rank; --b) rank -= hist[b];
+    return static_cast<uint32_t>(b);
+  };
+  int64_t rank_a, rank_b;
+  const uint32_t bucket_a = bucket_of(idx_a, rank_a), bucket_b = bucket_of(idx_b, rank_b);
+  float* in_a = scratch;
+  float* in_b = scratch + n;
+  int64_t na = 0, nb = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = (float_bits(s[i]) - lo) >> shift;
+    if (b == bucket_a) in_a[na++] = s[i];
+    if (b == bucket_b) in_b[nb++] = s[i];
+  }
+  return {select_in_memory(in_a, na, rank_a).threshold, select_in_memory(in_b, nb, rank_b).threshold};
+}
+
 struct Segment {
   std::vector<int64_t> members;  // tensor indices in list order
   int64_t numel = 0;
@@ -194,6 +233,32 @@ Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t 
   return kNothing;  // not reached
 }
 
+// Scratch memory of the bracket select, kept by the calling thread from one call to the next: a fresh
+// page costs a fault on first touch (microseconds each in a virtual machine), and one select at 1e7
+// scores touches about 4 MB of scratch. Beyond kKeepFloats a buffer is handed back after the call.
+struct SelectScratch {
+  std::vector<float> slots, sample, order, kept;
+  std::vector<int64_t> kept_per_run, bucket_size;
+  std::vector<uint32_t> hists;
+};
+constexpr size_t kKeepFloats = size_t{1} << 24;
+
+SelectScratch& select_scratch() {
+  thread_local SelectScratch scratch;
+  return scratch;
+}
+
+// Grows v to n elements (never shrinks: the capacity is what is being kept) and returns its data.
+template <class T>
+T* room(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+void trim(std::vector<float>& v) {
+  if (v.capacity() > kKeepFloats) std::vector<float>().swap(v);
+}
+
 // Sample-bracket select: a sample of the scores gives [lo, hi] holding the k-th largest with high
 // probability; one pass counts the scores above/at the bracket ends and keeps those inside it, and an
 // exact select on the kept few finishes. A miss (or too many kept) falls back to radix_select, so the
@@ -223,26 +288,30 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     }
   }
   // Every run is a cache miss: the threads take them in parallel, each into its own slot of kRun.
-  std::vector<float> slots(static_cast<size_t>(runs * kRun));
-  std::vector<int64_t> kept_per_run(static_cast<size_t>(runs));
+  SelectScratch& scratch = select_scratch();
+  struct TrimOnReturn {
+    SelectScratch& s;
+    ~TrimOnReturn() {
+      for (std::vector<float>* v : {&s.slots, &s.sample, &s.order, &s.kept}) trim(*v);
+    }
+  } trim_on_return{scratch};
+  float* slots = room(scratch.slots, static_cast<size_t>(runs * kRun));
+  int64_t* kept_per_run = room(scratch.kept_per_run, static_cast<size_t>(runs));
   const int sample_threads = n >= kParallelMin ? std::max(1, threads) : 1;
 #pragma omp parallel for num_threads(sample_threads) schedule(static)
   for (int64_t j = 0; j < runs; ++j) {
     const Range& r = sample_runs[static_cast<size_t>(j)];
-    kept_per_run[static_cast<size_t>(j)] =
-        K.collect(score_src(t, r.tensor), r.begin, r.end, slots.data() + j * kRun);
+    kept_per_run[j] = K.collect(score_src(t, r.tensor), r.begin, r.end, slots + j * kRun);
   }
   int64_t m = 0;   // scores sampled, finite or not
   int64_t mf = 0;  // finite ones, packed at the front of `sample`
-  std::vector<float> sample(static_cast<size_t>(runs * kRun));
+  float* sample = room(scratch.sample, static_cast<size_t>(runs * kRun));
   for (int64_t j = 0; j < runs; ++j) {
     const Range& r = sample_runs[static_cast<size_t>(j)];
     m += r.end - r.begin;
-    const int64_t c = kept_per_run[static_cast<size_t>(j)];
-    std::copy(slots.begin() + j * kRun, slots.begin() + j * kRun + c, sample.begin() + mf);
-    mf += c;
+    std::copy(slots + j * kRun, slots + j * kRun + kept_per_run[j], sample + mf);
+    mf += kept_per_run[j];
   }
-  sample.resize(static_cast<size_t>(mf));
   float lo = 0.0f, hi = __FLT_MAX__;
   double kept_fraction = 1.0;
   if (mf > 0) {
@@ -253,13 +322,11 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     const int64_t hi_idx = static_cast<int64_t>(std::floor(r - margin));
     const int64_t lo_idx = static_cast<int64_t>(std::ceil(r + margin));
     // The two order statistics (0-based, descending) by the histogram select, on scratch copies.
-    std::vector<float> scratch(sample.size());
-    const auto order_statistic = [&](int64_t idx) {
-      std::copy(sample.begin(), sample.end(), scratch.begin());
-      return select_in_memory(scratch.data(), mf, idx + 1).threshold;
-    };
-    if (lo_idx < mf) lo = order_statistic(std::max<int64_t>(lo_idx, 0));
-    if (hi_idx >= 0) hi = order_statistic(std::min(hi_idx, mf - 1));
+    const auto [hi_stat, lo_stat] =
+        two_order_statistics(sample, mf, std::clamp<int64_t>(hi_idx, 0, mf - 1),
+                             std::clamp<int64_t>(lo_idx, 0, mf - 1), room(scratch.order, 2 * static_cast<size_t>(mf)));
+    if (lo_idx < mf) lo = lo_stat;
+    if (hi_idx >= 0) hi = hi_stat;
     kept_fraction =
         static_cast<double>(std::max<int64_t>(std::min(lo_idx, mf) - std::max<int64_t>(hi_idx, 0), 0)) / m;
   }
@@ -269,21 +336,32 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   const int64_t cap = std::min(std::max<int64_t>(n / 8, 65536),
                                static_cast<int64_t>(3.0 * kept_fraction * static_cast<double>(n) / nt) + 4096);
   std::vector<BracketAcc> accs(static_cast<size_t>(nt));
-  std::vector<std::unique_ptr<float[]>> bufs(static_cast<size_t>(nt));
+  // Thread th keeps its scores in [th * cap, th * cap + size) of one buffer, and a histogram of them
+  // over the bracket's keys (finite non-negative scores order like their bits), so that the exact
+  // select afterwards only has to look at the one bucket holding the threshold.
+  const size_t region = static_cast<size_t>(cap);
+  float* kept = room(scratch.kept, static_cast<size_t>(nt) * region);
+  const uint32_t lo_key = float_bits(lo);
+  int bucket_shift = 0;
+  while (((float_bits(hi) - lo_key) >> bucket_shift) >= kDigitBins) ++bucket_shift;
+  uint32_t* hists = room(scratch.hists, static_cast<size_t>(nt) * kDigitBins);
+  std::fill(hists, hists + static_cast<size_t>(nt) * kDigitBins, 0u);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel num_threads(nt)
   {
     const size_t me = static_cast<size_t>(omp_get_thread_num());
-    bufs[me].reset(new float[static_cast<size_t>(cap)]);  // uninitialised on purpose
     BracketAcc acc;
-    acc.buf = bufs[me].get();
+    acc.buf = kept + me * region;
     acc.cap = cap;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       const Range& r = chunks[static_cast<size_t>(c)];
       K.bracket(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
     }
     accs[me] = acc;
+    uint32_t* hist = hists + me * kDigitBins;  // a thread keeps at most cap < 2^32 scores
+    if (!acc.overflow)
+      for (int64_t j = 0; j < acc.size; ++j) ++hist[(float_bits(acc.buf[j]) - lo_key) >> bucket_shift];
   }
   BracketAcc all;
   for (const BracketAcc& a : accs) {
@@ -303,14 +381,35 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     if (rank <= all.eq_hi) return Result{hi, rank, all.eq_hi};
     rank -= all.eq_hi;
     if (rank <= all.mid && !all.overflow) {
-      std::vector<float> kept(static_cast<size_t>(all.size));
-      size_t at = 0;
-      for (size_t th = 0; th < accs.size(); ++th) {
-        std::copy(bufs[th].get(), bufs[th].get() + accs[th].size, kept.begin() + static_cast<std::ptrdiff_t>(at));
-        at += static_cast<size_t>(accs[th].size);
+      // The bucket holding the rank-th largest kept score; every score of a higher bucket is above it.
+      int64_t bucket = kDigitBins - 1;
+      for (;; --bucket) {
+        int64_t count = 0;
+        for (int th = 0; th < nt; ++th) count += hists[static_cast<size_t>(th) * kDigitBins + bucket];
+        if (count >= rank || bucket == 0) break;
+        rank -= count;
       }
-      // The threshold lies strictly inside (lo, hi), so all its ties are among the kept scores.
-      return select_in_memory(kept.data(), all.size, rank);
+      // Each thread moves that bucket's scores to the front of its region; then they are moved together.
+      int64_t* bucket_size = room(scratch.bucket_size, static_cast<size_t>(nt));
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+      for (int th = 0; th < nt; ++th) {
+        float* buf = kept + static_cast<size_t>(th) * region;
+        int64_t kept_here = 0;
+        for (int64_t j = 0; j < accs[static_cast<size_t>(th)].size; ++j) {
+          const float x = buf[j];
+          buf[kept_here] = x;
+          kept_here += ((float_bits(x) - lo_key) >> bucket_shift) == static_cast<uint32_t>(bucket);
+        }
+        bucket_size[th] = kept_here;
+      }
+      int64_t at = 0;
+      for (int th = 0; th < nt; ++th) {
+        std::memmove(kept + at, kept + static_cast<size_t>(th) * region, sizeof(float) * bucket_size[th]);
+        at += bucket_size[th];
+      }
+      // The threshold lies strictly inside (lo, hi), so all its ties are among the kept scores, and in
+      // its bucket.
+      return select_in_memory(kept, at, rank);
     }
     if (rank > all.mid) {
       rank -= all.mid;
