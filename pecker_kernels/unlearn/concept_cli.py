@@ -99,10 +99,30 @@ def unlearn_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What ``--resume OUT`` may be given besides: how it shows progress (every other option is recorded).
+_RESUME_MAY_CHANGE = ("resume", "out", "no_progress")
+
+
+def refuse_resume_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """ValueError naming every option given with ``--resume`` that the recorded run would ignore."""
+    given = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings
+        and action.dest not in (*_RESUME_MAY_CHANGE, "help")
+        and getattr(args, action.dest) != action.default
+    ]
+    if given:
+        raise ValueError(f"--resume continues with the options the run recorded; drop {', '.join(given)}")
+
+
 def cmd_unlearn(argv: list[str]) -> int:
     from .concept import config_from_args, run_concept
 
-    args = unlearn_parser().parse_args(argv)
+    parser = unlearn_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        refuse_resume_options(args, parser)
     return run_concept(args, argv, config_from_args)
 
 

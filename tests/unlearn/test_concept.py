@@ -157,6 +157,36 @@ def test_interrupted_run_resumes_bit_identical(sd_pipeline, tmp_path, monkeypatc
         main(["unlearn", "--resume", str(cut)])
 
 
+def test_resume_refuses_every_option_the_recorded_run_would_ignore(sd_pipeline, tmp_path, monkeypatch):
+    real_step = ConceptDistiller.train_step
+
+    def signal_at_step_1(self):
+        real_step(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(ConceptDistiller, "train_step", signal_at_step_1)
+    argv = ["unlearn", "--model", str(sd_pipeline), *FAST, "--steps", "2", "--out", str(cut)]
+    assert main(argv) == 128 + signal.SIGINT
+    monkeypatch.setattr(ConceptDistiller, "train_step", real_step)
+    before = (cut / "run.json").read_text()
+    extra = ["--steps", "7", "--cfg", "3", "--lr", "0.5", "--threads", "2", "--gradient-checkpointing"]
+    with pytest.raises(SystemExit, match=r"drop --steps, --lr, --cfg, --gradient-checkpointing, --threads$"):
+        main(["unlearn", "--resume", str(cut), *extra])
+    for option in (
+        ["--forget-prompt", "a photo of a tree"],
+        ["--model", str(sd_pipeline)],
+        ["--distributed"],
+    ):
+        with pytest.raises(SystemExit, match=rf"drop {option[0]}$"):
+            main(["unlearn", "--resume", str(cut), *option])
+    assert (cut / "run.json").read_text() == before  # refused before the run was touched
+    # How progress shows, and the run's own folder as --out, change nothing: accepted.
+    assert main(["unlearn", "--resume", str(cut), "--out", str(cut), "--no-progress"]) == 0
+    assert json.loads((cut / "run.json").read_text())["status"] == "done"
+
+
 def _distiller(folder, **overrides):
     config = ConceptConfig(
         model=str(folder),
