@@ -1,6 +1,7 @@
 """Command line: ``python -m pecker_kernels <command>`` (also installed as ``pecker``).
 
-Commands: ``unlearn`` (one method, or ``--compare`` pecker against sfd; ``--resume OUT`` continues an
+Commands: ``unlearn`` (class forgetting: one method, or ``--compare`` pecker against sfd; concept
+forgetting on a ``StableDiffusionPipeline`` folder: ``unlearn.concept_cli``; ``--resume OUT`` continues an
 interrupted run), ``demo`` (the default digits comparison), ``sample`` (draw from a run's generator),
 ``train-teacher`` and ``train-classifier``.
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -819,7 +821,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pecker", description="PECKER unlearning recipe: saliency-masked score-forgetting distillation"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("unlearn", help="make the generator forget a class (pecker or sfd, or --compare)")
+    from .unlearn import concept_cli
+
+    p = sub.add_parser(
+        "unlearn",
+        help="make the generator forget a class, or a prompt's concept on a StableDiffusionPipeline folder "
+        "(pecker or sfd, or --compare)",
+        description=textwrap.fill(
+            "Two modes. Class forgetting (the options below): a class-conditional diffusers model "
+            "(default: the packaged digits teacher) forgets --forget C. Concept forgetting (the options "
+            "at the end): --model a StableDiffusionPipeline folder with --forget-prompt P (or "
+            "--forget-prompts FILE) and --anchor-prompt A. A command line naming forget or anchor "
+            "prompts, a text-conditioned pipeline folder as --model, or --resume of a concept run is "
+            "concept forgetting.",
+            width=100,
+        ),
+        epilog="Concept forgetting (--model PIPELINE_DIR --forget-prompt P --anchor-prompt A) takes these\n"
+        "options instead of the class-forgetting ones above:\n\n" + concept_cli.options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_unlearn_args(p)
     p = sub.add_parser("demo", help="the default digits comparison, pecker vs sfd (a few CPU minutes)")
     _add_unlearn_args(p, out_required=False)
@@ -865,8 +885,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="a model folder (default: runs/<dataset>_generator)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
     p.add_argument("--threads", type=int, default=None)
-    from .unlearn import concept_cli
-
     concept_cli.add_parsers(sub)
     return parser
 

@@ -39,6 +39,15 @@ def wants_concept(argv: list[str]) -> bool:
     return False
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one worth saying (not None, off or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def unlearn_parser() -> argparse.ArgumentParser:
     from .concept import ConceptConfig
 
@@ -47,9 +56,15 @@ def unlearn_parser() -> argparse.ArgumentParser:
         prog="pecker unlearn",
         description="Concept forgetting on a text-conditioned pipeline (StableDiffusionPipeline folder): "
         "score-forgetting distillation in the pipeline's latent space into a one-step generator whose "
-        "updates go to its most salient weights (pecker) or to all (sfd).",
+        "updates go to its most salient weights (pecker) or to all (sfd). A command line is concept "
+        "forgetting when it names forget or anchor prompts, its --model is such a pipeline, or it "
+        "resumes a concept run; class forgetting (a class-conditional model) takes other options: "
+        "pecker unlearn --help.",
+        formatter_class=_DefaultsHelp,
     )
-    p.add_argument("--model", "--teacher", dest="model", default=None, help="a local pipeline folder")
+    p.add_argument(
+        "--model", "--teacher", dest="model", default=None, help="a local StableDiffusionPipeline folder"
+    )
     p.add_argument("--forget-prompt", action="append", default=[], help="a prompt to forget (repeatable)")
     p.add_argument(
         "--forget-prompts", type=Path, default=None, help="a file of prompts to forget, one a line"
@@ -59,28 +74,41 @@ def unlearn_parser() -> argparse.ArgumentParser:
         "--retain-prompts", type=Path, default=None, help="a file of prompts to keep (default: the anchor)"
     )
     p.add_argument("--method", default=d.method, help="pecker (saliency-masked) or sfd (no mask)")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
     p.add_argument("--batch", type=int, default=d.batch, help="retain-prompt samples per step")
     p.add_argument("--forget-batch", type=int, default=d.forget_batch, help="forget-prompt samples per step")
     p.add_argument("--lr", type=float, default=d.lr_generator, help="generator learning rate")
     p.add_argument("--lr-pseudo", type=float, default=d.lr_pseudo, help="pseudo-score learning rate")
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--forget-weight", type=float, default=d.forget_weight)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="the SiD loss's alpha")
+    p.add_argument(
+        "--forget-weight", type=float, default=d.forget_weight, help="weight of the forget-prompt rows"
+    )
     p.add_argument("--cfg", type=float, default=d.cfg, help="the teacher's guidance scale")
     p.add_argument("--cfg-fake", type=float, default=d.cfg_fake, help="the pseudo-score's guidance scale")
     p.add_argument("--init-timestep", type=int, default=d.t_init, help="the one-step generator's time step")
-    p.add_argument("--t-min", type=int, default=d.t_min)
-    p.add_argument("--t-max", type=int, default=d.t_max)
-    p.add_argument("--clip-value", type=float, default=d.clip_value)
-    p.add_argument("--ema", type=float, default=d.ema)
+    p.add_argument("--t-min", type=int, default=d.t_min, help="lowest diffusion time of the losses")
+    p.add_argument("--t-max", type=int, default=d.t_max, help="highest diffusion time of the losses")
+    p.add_argument("--clip-value", type=float, default=d.clip_value, help="gradient clip by value")
+    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the generator (what is saved)")
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of generator weights updated")
-    p.add_argument("--refresh-every", type=int, default=d.refresh_every, help="0: one-shot mask; K: every K")
-    p.add_argument("--mask-batches", type=int, default=d.mask_batches)
+    p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=d.refresh_every,
+        help="0: one-shot mask; K: reselect every K steps",
+    )
+    p.add_argument(
+        "--mask-batches", type=int, default=d.mask_batches, help="forget batches of the one-shot mask"
+    )
     p.add_argument("--precision", default=d.precision, help="fp32, fp16 (autocast + GradScaler) or bf16")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="of the generator and pseudo-score")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the generator's and pseudo-score's activations in backward (less memory)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default=d.backend)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--backend", default=d.backend, help="SalientAdam backend: auto, eager, cpu, cuda, triton")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
     p.add_argument("--sample-prompts", type=Path, default=None, help="prompts of the before/after grids")
     p.add_argument("--samples", type=int, default=d.samples, help="samples per prompt in the grids")
     p.add_argument("--classifier", default=None, help="a classifier checkpoint of the decoded images")
@@ -90,13 +118,35 @@ def unlearn_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSON {"group": {"prompt": class, ...}, ...}: classifier accuracy per prompt and group',
     )
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between checkpoints in OUT/checkpoint (0: only when interrupted)",
+    )
     p.add_argument("--out", type=Path, default=None, help="new (or empty) folder for the results")
-    p.add_argument("--resume", type=Path, default=None, metavar="OUT", help="continue the run in OUT")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="continue the interrupted run in OUT with its recorded options (give no other option but "
+        "--no-progress)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, or $PECKER_THREADS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true", help="not supported yet for concept forgetting")
     return p
+
+
+def options_help() -> str:
+    """The concept options as ``--help`` lists them (the class parser's help shows them too)."""
+    p = unlearn_parser()
+    formatter = p._get_formatter()
+    formatter.start_section("concept-forgetting options")
+    formatter.add_arguments([a for a in p._actions if "-h" not in a.option_strings])
+    formatter.end_section()
+    return formatter.format_help()
 
 
 # What ``--resume OUT`` may be given besides: how it shows progress (every other option is recorded).

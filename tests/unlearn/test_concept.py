@@ -6,6 +6,7 @@ and the options refused before any output."""
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from pecker_kernels.cli import main
 from pecker_kernels.unlearn.concept import ConceptConfig, ConceptDistiller
+from pecker_kernels.unlearn.concept_cli import unlearn_parser
 from pecker_kernels.unlearn.text import clip_tokenizer, load_pipeline
 
 WORDS = ("a", "photo", "of", "cat", "dog", "tree", "house", "painting")
@@ -185,6 +187,34 @@ def test_resume_refuses_every_option_the_recorded_run_would_ignore(sd_pipeline, 
     # How progress shows, and the run's own folder as --out, change nothing: accepted.
     assert main(["unlearn", "--resume", str(cut), "--out", str(cut), "--no-progress"]) == 0
     assert json.loads((cut / "run.json").read_text())["status"] == "done"
+
+
+def _listed(text, flag):
+    """Whether ``flag`` starts an option's entry in a --help text (not merely a prefix of another)."""
+    return re.search(rf"^  {re.escape(flag)}(?=[ ,\n])", text, re.MULTILINE) is not None
+
+
+def test_unlearn_help_lists_the_options_of_both_modes(sd_pipeline, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["unlearn", "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    concept = [a.option_strings[0] for a in unlearn_parser()._actions if a.option_strings[0] != "-h"]
+    named = [
+        "--forget-prompt", "--forget-prompts", "--anchor-prompt", "--retain-prompts", "--cfg", "--cfg-fake",
+        "--init-timestep", "--precision", "--gradient-checkpointing", "--distributed",
+    ]  # fmt: skip
+    section = text.split("concept-forgetting options:")[-1]
+    missing = [f for f in [*named, *concept] if not _listed(section, f)]
+    assert not missing, f"unlearn --help does not list the concept options {missing}"
+    assert all(_listed(text, f) for f in ("--forget", "--compare", "--dataset", "--null-class"))
+    assert "StableDiffusionPipeline" in text and "fp16" in text
+    # A concept command line's own help: the concept options, and where the class options are.
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--model", str(sd_pipeline), "--help"])
+    text = capsys.readouterr().out
+    assert _listed(text, "--anchor-prompt") and not _listed(text, "--compare")
+    assert "class forgetting (a class-conditional model)" in " ".join(text.split())
 
 
 def _distiller(folder, **overrides):
