@@ -8,9 +8,10 @@
 A plan is a list of configurations: flat tensors of every size in --sizes at every dtype in --dtypes
 (ratio --ratio), a flat tensor of --ratio-size at each of --more-ratios (first dtype), and every model
 layout in --layouts at every dtype. The contenders of a configuration are all built first and then timed
-in interleaved rounds. Each row: median time, spread, GB/s from the bytes model (docs/DESIGN.md), percent of
-the bandwidth of an in-place scale measured in the same configuration, and the ratio to torch's fused
-AdamW measured in the same configuration.
+in interleaved rounds, then each alone (calls in a row), so that a result that depends on its neighbours
+shows. Each row: median time, spread, GB/s from the bytes model (docs/DESIGN.md), percent of the bandwidth
+of an in-place scale measured in the same configuration, the ratio to torch's fused AdamW measured in the
+same configuration, and the median and ratio of the calls timed alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pecker_kernels as pk
 
 from . import contenders as c
 from . import layouts
-from .timing import interleaved, summary
+from .timing import alone, interleaved, summary
 
 # Largest problem (parameters) each costly contender is timed at, by device type. Past it a row costs
 # minutes per configuration on a 2-core CPU, or memory an 80 GB GPU lacks beside the fused rows (1e9
@@ -87,6 +88,9 @@ def time_configuration(
             print(f"  skipped a contender of {config.describe()}: out of memory", flush=True)
             free_memory()
     samples = interleaved(contenders, config.device, reps=reps, budget_s=budget_s)
+    by_itself = alone(
+        contenders, config.device, reps=[len(s) for s in samples], fastest=[min(s) for s in samples]
+    )
     rows = [
         {
             "layout": config.layout,
@@ -97,22 +101,26 @@ def time_configuration(
             "name": contender.name,
             "bytes_per_param": contender.bytes_per_param,
             **summary(collected),
+            "alone": summary(collected_alone),
         }
-        for contender, collected in zip(contenders, samples, strict=True)
+        for contender, collected, collected_alone in zip(contenders, samples, by_itself, strict=True)
     ]
     add_ratios(rows, config.numel)
     return rows
 
 
 def add_ratios(rows: list[dict], n: int) -> None:
-    """GB/s from the bytes model, % of the reference's bandwidth, and time over fused AdamW's."""
+    """GB/s from the bytes model, % of the reference's bandwidth, and time over fused AdamW's
+    (interleaved, and each timed alone)."""
     floor = next(r["median_s"] for r in rows if r["name"] == FUSED_ADAMW)
+    floor_alone = next(r["alone"]["median_s"] for r in rows if r["name"] == FUSED_ADAMW)
     reference = next(r for r in rows if r["name"] == REFERENCE)
     bandwidth = reference["bytes_per_param"] * n / reference["median_s"] / 1e9
     for r in rows:
         r["gb_per_s"] = r["bytes_per_param"] * n / r["median_s"] / 1e9
         r["percent_of_bandwidth"] = 100.0 * r["gb_per_s"] / bandwidth
         r["vs_fused_adamw"] = r["median_s"] / floor
+        r["alone"]["vs_fused_adamw"] = r["alone"]["median_s"] / floor_alone
 
 
 def free_memory() -> None:
@@ -163,14 +171,16 @@ def heading(rows: list[dict]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| contender | median ms | min-p90 ms | n | GB/s | % bandwidth | x fused AdamW |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| contender | median ms | min-p90 ms | n | GB/s | % bandwidth | x fused AdamW | alone: median ms "
+        "| alone: x fused AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {1e3 * r['median_s']:.3f} | {1e3 * r['min_s']:.3f}-{1e3 * r['p90_s']:.3f} | "
             f"{r['samples']} | {r['gb_per_s']:.1f} | {r['percent_of_bandwidth']:.0f} | "
-            f"{r['vs_fused_adamw']:.2f} |"
+            f"{r['vs_fused_adamw']:.2f} | {1e3 * r['alone']['median_s']:.3f} | "
+            f"{r['alone']['vs_fused_adamw']:.2f} |"
         )
     return "\n".join(lines)
 

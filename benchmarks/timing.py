@@ -84,6 +84,20 @@ def interleaved(
     return samples
 
 
+def alone(
+    contenders: Sequence[Timed], device: str, *, reps: list[int], fastest: list[float]
+) -> list[list[float]]:
+    """Samples of every contender timed on its own: a warm-up, then ``reps[i]`` calls in a row. Beside
+    the interleaved rounds this shows a contender whose speed depends on what ran just before it (the
+    caches and the thread pool it inherits, the other contenders' page faults); ``fastest`` (seconds of
+    its fastest interleaved call) sets the warm-up's length."""
+    samples = []
+    for contender, count, best in zip(contenders, reps, fastest, strict=True):
+        warm_up(contender, device, calls=3, seconds=max(0.05, 3 * best))
+        samples.append(measure(contender.step, device, reps=count, prepare=contender.prepare))
+    return samples
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     """Median and the spread between the fastest and the 90th-percentile sample."""
     ordered = sorted(samples)

@@ -21,6 +21,8 @@ def test_step_benchmark_writes_rows_tables_and_plots(tmp_path, capsys):
     floor = [r for r in rows if r["name"] == "torch AdamW (fused)"]
     assert all(r["vs_fused_adamw"] == 1.0 for r in floor)
     assert all(r["median_s"] > 0 and r["gb_per_s"] > 0 for r in rows)
+    assert all(r["alone"]["median_s"] > 0 and r["alone"]["samples"] >= 1 for r in rows)
+    assert all(r["alone"]["vs_fused_adamw"] == 1.0 for r in floor)
     assert (tmp_path / "results.md").read_text().count("| ") > len(rows)
     assert (tmp_path / "time_per_parameter_fp32.png").read_bytes()[:4] == b"\x89PNG"
     assert "Summary" in capsys.readouterr().out
