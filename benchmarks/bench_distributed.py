@@ -5,11 +5,14 @@
 Each rank holds an even shard of a global vector of ``size`` fp32 gradients and runs the sharded
 selection (``pecker_kernels.distributed.select``); rank 0 also times the single-process selection of
 its shard alone (what each rank would pay with no agreement across ranks) and prints a markdown table.
+From ``distributed.BRACKET_MIN_SCORES`` scores on, the CPU backend's sharded select takes the sampled
+bracket (one read of the scores); the radix column forces the three-pass radix select for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -58,13 +61,24 @@ def main() -> None:
         )
         k = max(1, int(args.ratio * shard.numel()))
         local = median_seconds(lambda s=shard, k=k: cpu.select([s], None, "grad", [0], [k]), args.reps)
-        rows.append((size, sharded, local))
+        os.environ["PECKER_SHARDED_SELECT"] = "radix"
+        radix = median_seconds(
+            lambda s=shard: distributed.select([s], None, "grad", [0], 1, args.ratio, group, cpu), args.reps
+        )
+        del os.environ["PECKER_SHARDED_SELECT"]
+        rows.append((size, sharded, radix, local))
     if rank == 0:
         print(f"world size {world}, gloo, ratio {args.ratio}, {torch.get_num_threads()} threads per rank")
-        print("| global size | sharded select ms | local select of the shard ms | bytes all-reduced |")
-        print("|---:|---:|---:|---:|")
-        for size, sharded, local in rows:
-            print(f"| {size:.0e} | {sharded * 1e3:.2f} | {local * 1e3:.2f} | {wire_bytes(1, world)} |")
+        print(
+            "| global size | sharded select ms | sharded radix select ms | local select of the shard ms "
+            "| radix bytes all-reduced |"
+        )
+        print("|---:|---:|---:|---:|---:|")
+        for size, sharded, radix, local in rows:
+            print(
+                f"| {size:.0e} | {sharded * 1e3:.2f} | {radix * 1e3:.2f} | {local * 1e3:.2f} "
+                f"| {wire_bytes(1, world)} |"
+            )
     dist.destroy_process_group()
 
 

@@ -1,10 +1,11 @@
 """One exact top-k selection over parameters sharded across the ranks of a torch.distributed group.
 
 Each rank holds a shard of one global set of tensors. The selection is an exact radix select over the
-bits of the scores, with each digit's histogram all-reduced over the group before the bucket is
-chosen. Every rank therefore picks the same threshold and the same number of ties as one process
-holding every shard would. The histograms come from the backend's fused ``radix_histogram`` where it
-has one (``cpu``), else from torch ops (any device, no host sync).
+bits of the scores (or, for large CPU segments, a sampled bracket: below), with each digit's
+histogram all-reduced over the group before the bucket is chosen. Every rank therefore picks the
+same threshold and the same number of ties as one process holding every shard would. The histograms
+come from the backend's fused ``radix_histogram`` where it has one (``cpu``), else from torch ops (any
+device, no host sync).
 
 Global order (which elements equal to the threshold win): rank order, then each rank's local order
 (its tensors in list order, each row-major). For a per-tensor selection of parameters sharded on
@@ -15,6 +16,13 @@ Communication per selection: four all-reduces of int64 counts, namely one per di
 ``world_size`` tie counts per segment, ``8 * (5121 + world_size)`` bytes per segment in all. All stay
 on the device; nothing is read back on the host.
 
+A single segment of at least ``BRACKET_MIN_SCORES`` scores on the CPU backend is selected by a sampled
+bracket instead (``_bracket_select``): one read of the scores where the radix reads them once per digit,
+and six small collectives (the sizes, a global sample of at most 65536 scores, each rank's bracket counts
+with a 2048-bin histogram, and the scores of the threshold's bucket). Where the bracket misses, the
+radix select above runs, so the result does not depend on the path. ``PECKER_SHARDED_SELECT=radix``
+forces the radix select (to compare them).
+
 DTensor parameters (FSDP2 ``fully_shard``) are recognised: their local shards are used and their
 1-D mesh supplies the group. Replicated parameters (DDP, or ``Replicate()`` DTensors) need no
 communication: every rank holds the same gradients and so selects the same mask.
@@ -22,6 +30,8 @@ communication: every rank holds the same gradients and so selects the same mask.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -170,6 +180,10 @@ def select(
     ``impl`` (a backend module) counts the digits when it has a fused ``radix_histogram``.
     """
     device = comm_device(group, grads)
+    if num_segments == 1 and os.environ.get("PECKER_SHARDED_SELECT") != "radix":
+        chosen = _bracket_select(grads, weights, score, ratio, group, impl, device)
+        if chosen is not None:
+            return chosen
     count = _histogram_counter(impl, grads, weights, score, segments, num_segments, device)
     sizes = [0] * num_segments
     for g, segment in zip(grads, segments, strict=True):
@@ -198,14 +212,122 @@ def select(
     threshold = torch.where(found, threshold, torch.full_like(threshold, float("inf")))
     take = torch.where(found, remaining, zero)
     local_ties = torch.where(found, local_counts.gather(1, bucket[:, None]).squeeze(1), zero)
-    # Ties go to the lowest global index: ranks before this one fill the quota first.
+    return _rank_share(threshold, take, local_ties, group)
+
+
+def _rank_share(threshold: Tensor, take: Tensor, local_ties: Tensor, group: Any) -> Selection:
+    """This rank's part of a global selection: ``take`` of the ties (per segment, over all ranks) go to
+    the lowest global index, so ranks before this one fill the quota first."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    per_rank = torch.zeros(world, num_segments, dtype=torch.int64, device=device)
+    per_rank = torch.zeros(world, local_ties.numel(), dtype=torch.int64, device=local_ties.device)
     per_rank[rank] = local_ties
     dist.all_reduce(per_rank, group=group)
     before = per_rank[:rank].sum(dim=0)
     local_take = torch.minimum((take - before).clamp(min=0), local_ties)
     return Selection(threshold=threshold, take=local_take, ties=local_ties)
+
+
+# Below this many scores over all ranks the three radix passes cost less than the bracket's collectives.
+BRACKET_MIN_SCORES = 1 << 16
+_RUN = 16  # scores per sampled run (one cache line of fp32), as the CPU select samples
+
+
+def _all_gather(values: Tensor, group: Any) -> list[Tensor]:
+    """Every rank's ``values`` (same shape on every rank), in rank order."""
+    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, values, group=group)
+    return gathered
+
+
+def _all_gather_ragged(values: Tensor, lengths: Sequence[int], group: Any) -> list[Tensor]:
+    """Every rank's 1-D ``values``, rank r's of length ``lengths[r]`` (known to every rank)."""
+    padded = torch.zeros(max(lengths), dtype=values.dtype)
+    padded[: values.numel()] = values
+    return [g[:n] for g, n in zip(_all_gather(padded, group), lengths, strict=True)]
+
+
+def _bracket_select(grads, weights, score, ratio, group, impl, device) -> Selection | None:
+    """The global selection of one segment by a sampled bracket, for a backend with fused bracket passes
+    (the CPU's): one read of the scores, as the single-process select does, where the radix reads them
+    once per digit. A global sample brackets the threshold; one pass counts the scores around the
+    bracket and keeps those inside it; the ranks' counts and a histogram of their kept scores find the
+    threshold's bucket, whose scores alone are gathered and selected exactly. Six collectives, all
+    small. None (on every rank alike) where this does not apply or the bracket missed: the radix
+    select then runs. Reads its results on the host: CPU only, where that costs no sync."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    local_n = sum(g.numel() for g in grads)
+    capable = device.type == "cpu" and hasattr(impl, "bracket_counts")
+    totals = torch.tensor([local_n, int(capable)], dtype=torch.int64)
+    dist.all_reduce(totals, group=group)
+    n, capable_ranks = totals.tolist()
+    if capable_ranks < world or n < BRACKET_MIN_SCORES:
+        return None
+    k = max(1, math.floor(ratio * n))  # budget(), as the radix path
+
+    # A sample spread over the global flat order: each rank draws in proportion to its share.
+    target = min(max(n // 256, 64 * _RUN), 4096 * _RUN)
+    runs = math.ceil(target / _RUN * local_n / n) if local_n else 0
+    sample, sampled = impl.sample_scores(grads, weights, score, runs)
+    sizes = torch.stack(_all_gather(torch.tensor([sample.numel(), sampled], dtype=torch.int64), group))
+    m = int(sizes[:, 1].sum())
+    ordered = torch.cat(_all_gather_ragged(sample, sizes[:, 0].tolist(), group)).sort(descending=True).values
+    lo, hi, kept_fraction = 0.0, torch.finfo(torch.float32).max, 1.0
+    mf = ordered.numel()
+    if mf:
+        r = min(k * m / n - 0.5, float(m))  # expected position of the k-th largest in the sample
+        margin = 4.0 * math.sqrt(max(r, 0.0) + 1.0) + 4.0
+        hi_idx, lo_idx = math.floor(r - margin), math.ceil(r + margin)
+        if lo_idx < mf:
+            lo = float(ordered[max(lo_idx, 0)])
+        if hi_idx >= 0:
+            hi = float(ordered[min(hi_idx, mf - 1)])
+        kept_fraction = max(min(lo_idx, mf) - max(hi_idx, 0), 0) / m
+    threads = torch.get_num_threads()
+    cap = min(max(local_n // 8, 65536), int(3.0 * kept_fraction * local_n / threads) + 4096)
+    local, kept = impl.bracket_counts(grads, weights, score, lo, hi, cap)
+    # The kept scores' bucket over the bracket: 2048 bins of their keys (finite non-negative scores
+    # order like their bits). Each rank's counts and histogram, so that tie shares need no more rounds.
+    key = lambda value: int(torch.tensor([value], dtype=torch.float32).view(torch.int32))  # noqa: E731
+    lo_key = key(lo)
+    shift = max((key(hi) - lo_key).bit_length() - 11, 0)
+    buckets = (kept.view(torch.int32).to(torch.int64) - lo_key) >> shift
+    mine = torch.cat([local, torch.bincount(buckets, minlength=2048)])
+    per_rank = torch.stack(_all_gather(mine, group))  # [world, 7 + 2048]
+    finite, above, eq_hi, eq_lo, mid, _, overflow = per_rank[:, :7].sum(dim=0).tolist()
+
+    def chosen(threshold: float, take: int, ties_per_rank: list[int]) -> Selection:
+        before = sum(ties_per_rank[:me])  # ties go to the lowest global index: earlier ranks first
+        local_ties = ties_per_rank[me]
+        return Selection(
+            threshold=torch.tensor([threshold], dtype=torch.float32),
+            take=torch.tensor([min(max(take - before, 0), local_ties)], dtype=torch.int64),
+            ties=torch.tensor([local_ties], dtype=torch.int64),
+        )
+
+    k_eff = min(k, finite)
+    if k_eff <= 0:
+        return chosen(float("inf"), 0, [0] * world)
+    # Descending order of the finite scores: above | == hi | (lo, hi) | == lo | below.
+    if k_eff <= above:
+        return None
+    rank = k_eff - above
+    if rank <= eq_hi:
+        return chosen(hi, rank, per_rank[:, 2].tolist())
+    rank -= eq_hi
+    if rank > mid:
+        rank -= mid
+        return chosen(lo, rank, per_rank[:, 3].tolist()) if rank <= eq_lo else None
+    if overflow:
+        return None
+    at_or_above = per_rank[:, 7:].sum(dim=0).flip(0).cumsum(0).flip(0)
+    bucket = int((at_or_above >= rank).sum()) - 1
+    rank -= int(at_or_above[bucket + 1]) if bucket + 1 < at_or_above.numel() else 0
+    in_bucket = per_rank[:, 7 + bucket].tolist()
+    gathered = _all_gather_ragged(kept[buckets == bucket], in_bucket, group)
+    candidates = torch.cat(gathered).sort(descending=True).values
+    threshold = candidates[rank - 1]
+    take = rank - int((candidates > threshold).sum())
+    return chosen(float(threshold), take, [int((g == threshold).sum()) for g in gathered])
 
 
 def _histogram_counter(impl, grads, weights, score, segments, num_segments, device):

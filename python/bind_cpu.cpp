@@ -55,6 +55,18 @@ void radix_histogram_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const s
                                as_ptr<int64_t>(hist), threads);
 }
 
+int64_t sample_scores_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype, int score,
+                         int64_t runs, int64_t out, int64_t sampled, int threads) {
+  const pecker::cpu::Tensors t{g, w, numel, dtype, score};
+  return pecker::cpu::sample_scores(t, runs, as_ptr<float>(out), as_ptr<int64_t>(sampled), threads);
+}
+
+void bracket_counts_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype, int score,
+                       float lo, float hi, int64_t cap, int64_t kept, int64_t counts, int threads) {
+  const pecker::cpu::Tensors t{g, w, numel, dtype, score};
+  pecker::cpu::bracket_counts(t, lo, hi, cap, as_ptr<float>(kept), as_ptr<int64_t>(counts), threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -75,6 +87,15 @@ PYBIND11_MODULE(_C, m) {
         "One radix digit pass: int64 [num_segments][2048] counts of the finite scores under each prefix.",
         py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
         py::arg("num_segments"), py::arg("digit"), py::arg("prefix"), py::arg("hist"), py::arg("threads"));
+  m.def("sample_scores", &sample_scores_op, nogil,
+        "Finite scores of evenly spaced runs of 16 (out: float32 [16 * runs]); returns how many.",
+        py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("runs"),
+        py::arg("out"), py::arg("sampled"), py::arg("threads"));
+  m.def("bracket_counts", &bracket_counts_op, nogil,
+        "One bracket pass: int64 counts [7] around [lo, hi] and the scores inside packed in kept.",
+        py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("lo"),
+        py::arg("hi"), py::arg("cap"), py::arg("kept"), py::arg("counts"), py::arg("threads"));
+  m.attr("BRACKET_COUNTS") = pecker::cpu::kBracketCounts;
   m.def("write_masks", &write_masks_op, nogil, "Writes the packed int32 masks of a selection.", py::arg("g"),
         py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
         py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("masks_out"),

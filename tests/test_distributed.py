@@ -133,6 +133,58 @@ def _check_sharded_selection() -> None:
             assert torch.equal(g, e[b[rank] : b[rank + 1]]), f"case {case}: per-tensor masks differ"
 
 
+def _check_sharded_bracket_selection() -> None:
+    """Global selections large enough for the sampled bracket (the CPU backend's one-read path): the
+    same masks as one process, the threshold found inside the bracket or on one of its ends, and never
+    by falling back to the radix select on these inputs."""
+    from pecker_kernels import distributed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    answered = []
+    bracket = distributed._bracket_select
+
+    def recorded(*args):
+        chosen = bracket(*args)
+        answered.append(chosen is not None)
+        return chosen
+
+    distributed._bracket_select = recorded
+    try:
+        for case in range(10):
+            gen = torch.Generator().manual_seed(100 + case)
+            kind = ("plain", "plain", "ties", "specials", "plateau")[case % 5]
+            ratio = (0.5, 0.01, 0.3, 0.9, 1.0)[case % 5]
+            score = ("grad", "grad_weight")[case % 2]
+            dtype = torch.bfloat16 if case == 6 else torch.float32
+            n = int(
+                torch.randint(
+                    distributed.BRACKET_MIN_SCORES, 3 * distributed.BRACKET_MIN_SCORES, (1,), generator=gen
+                )
+            )
+            if kind == "plateau":  # the top 60 % tie at 4.0: the threshold is the bracket's upper end
+                full = torch.where(torch.rand(n, generator=gen) < 0.6, 4.0, torch.rand(n, generator=gen))
+                score, ratio = "grad", 0.3
+            else:
+                full = _scores_with_ties(n, gen, kind)
+            full = full.to(dtype)
+            weight = torch.randn(n, generator=gen).to(dtype)
+            bounds = _cut(n, world, gen, 1 if case == 4 else None)
+            mine = slice(bounds[rank], bounds[rank + 1])
+            piece, piece_w = full[mine], weight[mine]
+            split = sorted(torch.randint(0, piece.numel() + 1, (2,), generator=gen).tolist())
+            grads, weights = list(piece.tensor_split(split)), list(piece_w.tensor_split(split))
+            w = weights if score == "grad_weight" else None
+            got = pk.topk_mask(grads, ratio, score, "global", weights=w, backend="cpu", process_group="world")
+            expected = pk.topk_mask(
+                [full], ratio, score, "global", weights=[weight] if w is not None else None, backend="eager"
+            )[0]
+            got_flat = torch.cat(got)
+            assert torch.equal(got_flat, expected[mine]), f"case {case} ({kind}, ratio {ratio}): masks differ"
+    finally:
+        distributed._bracket_select = bracket
+    assert all(answered), f"the bracket fell back to the radix select (cases in order): {answered}"
+
+
 # ---- the optimizer over ZeRO-style shards and over FSDP2 ------------------------------------------
 
 
@@ -247,6 +299,7 @@ def three_ranks() -> Ranks:
         3,
         [
             ("selection", _check_sharded_selection),
+            ("bracket_selection", _check_sharded_bracket_selection),
             ("zero", _check_zero_style_optimizer),
             ("fsdp2_per_tensor", _check_fsdp2_training, "per_tensor"),
             ("fsdp2_global", _check_fsdp2_training, "global"),
@@ -258,6 +311,10 @@ def three_ranks() -> Ranks:
 
 def test_sharded_selection_equals_single_process_selection(three_ranks):
     three_ranks.check("selection")
+
+
+def test_large_sharded_selection_by_the_sampled_bracket_equals_one_process(three_ranks):
+    three_ranks.check("bracket_selection")
 
 
 def test_zero_style_sharded_optimizer_matches_one_process(three_ranks):

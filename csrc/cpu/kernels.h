@@ -84,6 +84,16 @@ void radix_histogram(const Tensors& t, const std::vector<int64_t>& segments, int
 void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
             float* threshold, int64_t* take, int64_t* ties, int threads);
 
+// The sharded select's local passes (pecker_kernels.distributed): evenly spaced runs of 16 scores over
+// the tensors' flat order, the finite ones written to `out` (room for 16 * runs; returns how many,
+// `sampled` gets how many were read); and one bracket pass over every tensor, counts[kBracketCounts] =
+// finite, > hi, == hi, == lo (lo < hi), in (lo, hi), kept, overflow, with the kept scores (those in
+// (lo, hi), while each thread's share fits `cap`) packed at the front of `kept` (threads * cap floats).
+constexpr int kBracketCounts = 7;
+int64_t sample_scores(const Tensors& t, int64_t runs, float* out, int64_t* sampled, int threads);
+void bracket_counts(const Tensors& t, float lo, float hi, int64_t cap, float* kept, int64_t* counts,
+                    int threads);
+
 void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const float* threshold,
                  const int64_t* take, const int64_t* ties, int64_t num_segments,
                  const std::vector<int64_t>& masks_out, int threads);

@@ -263,38 +263,32 @@ void trim(std::vector<float>& v) {
 // probability; one pass counts the scores above/at the bracket ends and keeps those inside it, and an
 // exact select on the kept few finishes. A miss (or too many kept) falls back to radix_select, so the
 // result is exact whatever the sample says.
-Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Range>& chunks, int64_t k,
-                      int threads) {
+// The sample is taken in short runs (one cache line of fp32 each): a run costs one cache miss where
+// scattered single elements cost one each, and the runs still spread over the whole segment.
+constexpr int64_t kRun = 16;
+
+// Run j of `runs` covers [pos_j, pos_j + kRun) of the flat order of `members` (n elements in all), cut
+// at its tensor's end; the finite scores of every run are packed into `sample` (room for runs * kRun).
+// Returns how many; `sampled` gets how many scores were read, finite or not.
+int64_t sample_runs_of(const Tensors& t, const std::vector<int64_t>& members, int64_t n, int64_t runs,
+                       float* sample, int64_t* sampled, SelectScratch& scratch, int threads) {
   const KernelTable& K = kernels();
-  const int64_t n = seg.numel;
-  // The sample is taken in short runs (one cache line of fp32 each): a run costs one cache miss where
-  // scattered single elements cost one each, and the runs still spread over the whole segment.
-  constexpr int64_t kRun = 16;
-  const int64_t runs = std::clamp<int64_t>(n / (16 * kRun), 64, 4096);
-  // Run j covers [pos_j, pos_j + kRun) of the segment's flat order, cut at its tensor's end.
   std::vector<Range> sample_runs(static_cast<size_t>(runs));
   {
     size_t member = 0;
     int64_t offset = 0;  // flat index of the current member's first element
     for (int64_t j = 0; j < runs; ++j) {
       const int64_t pos = ((2 * j + 1) * n) / (2 * runs);
-      while (pos >= offset + t.numel[static_cast<size_t>(seg.members[member])]) {
-        offset += t.numel[static_cast<size_t>(seg.members[member])];
+      while (pos >= offset + t.numel[static_cast<size_t>(members[member])]) {
+        offset += t.numel[static_cast<size_t>(members[member])];
         ++member;
       }
-      const int64_t i = seg.members[member];
+      const int64_t i = members[member];
       const int64_t b = pos - offset;
       sample_runs[static_cast<size_t>(j)] = {i, b, std::min(b + kRun, t.numel[static_cast<size_t>(i)])};
     }
   }
   // Every run is a cache miss: the threads take them in parallel, each into its own slot of kRun.
-  SelectScratch& scratch = select_scratch();
-  struct TrimOnReturn {
-    SelectScratch& s;
-    ~TrimOnReturn() {
-      for (std::vector<float>* v : {&s.slots, &s.sample, &s.order, &s.kept}) trim(*v);
-    }
-  } trim_on_return{scratch};
   float* slots = room(scratch.slots, static_cast<size_t>(runs * kRun));
   int64_t* kept_per_run = room(scratch.kept_per_run, static_cast<size_t>(runs));
   const int sample_threads = n >= kParallelMin ? std::max(1, threads) : 1;
@@ -305,13 +299,69 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   }
   int64_t m = 0;   // scores sampled, finite or not
   int64_t mf = 0;  // finite ones, packed at the front of `sample`
-  float* sample = room(scratch.sample, static_cast<size_t>(runs * kRun));
   for (int64_t j = 0; j < runs; ++j) {
     const Range& r = sample_runs[static_cast<size_t>(j)];
     m += r.end - r.begin;
     std::copy(slots + j * kRun, slots + j * kRun + kept_per_run[j], sample + mf);
     mf += kept_per_run[j];
   }
+  *sampled = m;
+  return mf;
+}
+
+// The bracket kernel over `chunks` on nt threads: thread th keeps its scores in [th * cap, th * cap +
+// size) of `kept`, then runs after(th, its accumulator); returns every thread's accumulator.
+template <class After>
+std::vector<BracketAcc> bracket_pass(const Tensors& t, const std::vector<Range>& chunks, float lo, float hi,
+                                     int64_t cap, float* kept, int nt, After&& after) {
+  const KernelTable& K = kernels();
+  std::vector<BracketAcc> accs(static_cast<size_t>(nt));
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel num_threads(nt)
+  {
+    const int me = omp_get_thread_num();
+    BracketAcc acc;
+    acc.buf = kept + static_cast<size_t>(me) * static_cast<size_t>(cap);
+    acc.cap = cap;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Range& r = chunks[static_cast<size_t>(c)];
+      K.bracket(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
+    }
+    accs[static_cast<size_t>(me)] = acc;
+    after(me, acc);
+  }
+  return accs;
+}
+
+BracketAcc merged(const std::vector<BracketAcc>& accs) {
+  BracketAcc all;
+  for (const BracketAcc& a : accs) {
+    all.finite += a.finite;
+    all.above += a.above;
+    all.eq_hi += a.eq_hi;
+    all.eq_lo += a.eq_lo;
+    all.mid += a.mid;
+    all.size += a.size;
+    all.overflow |= a.overflow;
+  }
+  return all;
+}
+
+Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Range>& chunks, int64_t k,
+                      int threads) {
+  const int64_t n = seg.numel;
+  const int64_t runs = std::clamp<int64_t>(n / (16 * kRun), 64, 4096);
+  SelectScratch& scratch = select_scratch();
+  struct TrimOnReturn {
+    SelectScratch& s;
+    ~TrimOnReturn() {
+      for (std::vector<float>* v : {&s.slots, &s.sample, &s.order, &s.kept}) trim(*v);
+    }
+  } trim_on_return{scratch};
+  float* sample = room(scratch.sample, static_cast<size_t>(runs * kRun));
+  int64_t m = 0;
+  const int64_t mf = sample_runs_of(t, seg.members, n, runs, sample, &m, scratch, threads);
   float lo = 0.0f, hi = __FLT_MAX__;
   double kept_fraction = 1.0;
   if (mf > 0) {
@@ -335,7 +385,6 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   // Beyond n / 8 kept scores an in-memory select costs more than the radix passes it would save.
   const int64_t cap = std::min(std::max<int64_t>(n / 8, 65536),
                                static_cast<int64_t>(3.0 * kept_fraction * static_cast<double>(n) / nt) + 4096);
-  std::vector<BracketAcc> accs(static_cast<size_t>(nt));
   // Thread th keeps its scores in [th * cap, th * cap + size) of one buffer, and a histogram of them
   // over the bracket's keys (finite non-negative scores order like their bits), so that the exact
   // select afterwards only has to look at the one bucket holding the threshold.
@@ -346,33 +395,13 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   while (((float_bits(hi) - lo_key) >> bucket_shift) >= kDigitBins) ++bucket_shift;
   uint32_t* hists = room(scratch.hists, static_cast<size_t>(nt) * kDigitBins);
   std::fill(hists, hists + static_cast<size_t>(nt) * kDigitBins, 0u);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel num_threads(nt)
-  {
-    const size_t me = static_cast<size_t>(omp_get_thread_num());
-    BracketAcc acc;
-    acc.buf = kept + me * region;
-    acc.cap = cap;
-#pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const Range& r = chunks[static_cast<size_t>(c)];
-      K.bracket(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
-    }
-    accs[me] = acc;
-    uint32_t* hist = hists + me * kDigitBins;  // a thread keeps at most cap < 2^32 scores
-    if (!acc.overflow)
-      for (int64_t j = 0; j < acc.size; ++j) ++hist[(float_bits(acc.buf[j]) - lo_key) >> bucket_shift];
-  }
-  BracketAcc all;
-  for (const BracketAcc& a : accs) {
-    all.finite += a.finite;
-    all.above += a.above;
-    all.eq_hi += a.eq_hi;
-    all.eq_lo += a.eq_lo;
-    all.mid += a.mid;
-    all.size += a.size;
-    all.overflow |= a.overflow;
-  }
+  const std::vector<BracketAcc> accs =
+      bracket_pass(t, chunks, lo, hi, cap, kept, nt, [&](int me, const BracketAcc& acc) {
+        uint32_t* hist = hists + static_cast<size_t>(me) * kDigitBins;  // at most cap < 2^32 scores a thread
+        if (!acc.overflow)
+          for (int64_t j = 0; j < acc.size; ++j) ++hist[(float_bits(acc.buf[j]) - lo_key) >> bucket_shift];
+      });
+  const BracketAcc all = merged(accs);
   const int64_t k_eff = std::min(k, all.finite);
   if (k_eff <= 0) return kNothing;
   // Descending order of the finite scores: above | == hi | (lo, hi) | == lo | below.
@@ -500,6 +529,41 @@ void select(const Tensors& t, const std::vector<int64_t>& segments, const std::v
       ties[s] = r.ties;
     }
   }
+}
+
+int64_t sample_scores(const Tensors& t, int64_t runs, float* out, int64_t* sampled, int threads) {
+  std::vector<int64_t> members;
+  int64_t n = 0;
+  for (size_t i = 0; i < t.numel.size(); ++i) {
+    if (t.numel[i] == 0) continue;  // a run never starts in an empty tensor
+    members.push_back(static_cast<int64_t>(i));
+    n += t.numel[i];
+  }
+  *sampled = 0;
+  if (n == 0 || runs <= 0) return 0;
+  return sample_runs_of(t, members, n, runs, out, sampled, select_scratch(), threads);
+}
+
+void bracket_counts(const Tensors& t, float lo, float hi, int64_t cap, float* kept, int64_t* counts,
+                    int threads) {
+  std::vector<Range> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < t.numel.size(); ++i) {
+    append_chunks(chunks, static_cast<int64_t>(i), t.numel[i]);
+    total += t.numel[i];
+  }
+  const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
+  const std::vector<BracketAcc> accs = bracket_pass(t, chunks, lo, hi, cap, kept, nt, [](int, const BracketAcc&) {});
+  const BracketAcc all = merged(accs);
+  int64_t at = 0;  // the threads' scores moved together at the front
+  for (int th = 0; th < nt; ++th) {
+    const BracketAcc& a = accs[static_cast<size_t>(th)];
+    std::memmove(kept + at, kept + static_cast<size_t>(th) * static_cast<size_t>(cap), sizeof(float) * a.size);
+    at += a.size;
+  }
+  const int64_t values[kBracketCounts] = {all.finite, all.above, all.eq_hi, all.eq_lo,
+                                          all.mid,    all.size,  all.overflow ? 1 : 0};
+  std::copy(values, values + kBracketCounts, counts);
 }
 
 namespace {

@@ -101,6 +101,54 @@ def radix_histogram(
     return hist
 
 
+def sample_scores(
+    grads: Sequence[Tensor], weights: Sequence[Tensor] | None, score: str, runs: int
+) -> tuple[Tensor, int]:
+    """The finite scores of ``runs`` evenly spaced runs of 16 over the tensors' flat order, and how
+    many scores were read (finite or not): the sample of the sharded select's bracket."""
+    out = torch.empty(16 * max(runs, 0), dtype=torch.float32)
+    sampled = torch.zeros(1, dtype=torch.int64)
+    numel, dtypes = _sizes(grads)
+    count = cpu_module.sample_scores(
+        _ptrs(grads),
+        _weight_ptrs(weights, score),
+        numel,
+        dtypes,
+        SCORE_CODES[score],
+        runs,
+        out.data_ptr(),
+        sampled.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out[:count], int(sampled)
+
+
+def bracket_counts(
+    grads: Sequence[Tensor], weights: Sequence[Tensor] | None, score: str, lo: float, hi: float, cap: int
+) -> tuple[Tensor, Tensor]:
+    """One pass over the scores: int64 counts [finite, > hi, == hi, == lo (lo < hi), in (lo, hi), kept,
+    overflow], and the scores in (lo, hi) themselves (all of them unless ``overflow``: each thread keeps
+    at most ``cap``)."""
+    threads = torch.get_num_threads()
+    kept = torch.empty(threads * cap, dtype=torch.float32)
+    counts = torch.zeros(cpu_module.BRACKET_COUNTS, dtype=torch.int64)
+    numel, dtypes = _sizes(grads)
+    cpu_module.bracket_counts(
+        _ptrs(grads),
+        _weight_ptrs(weights, score),
+        numel,
+        dtypes,
+        SCORE_CODES[score],
+        lo,
+        hi,
+        cap,
+        kept.data_ptr(),
+        counts.data_ptr(),
+        threads,
+    )
+    return counts, kept[: int(counts[5])]
+
+
 def write_masks(
     grads: Sequence[Tensor],
     weights: Sequence[Tensor] | None,
