@@ -368,8 +368,9 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
     return result
 
 
-def _init_distributed() -> int:
-    """Join the torchrun job (gloo: the recipe trains on the CPU); returns this process's rank."""
+def _init_distributed(backend: str = "gloo") -> int:
+    """Join the torchrun job (gloo: the class recipe trains on the CPU; a concept run on CUDA asks for
+    nccl); returns this process's rank."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -378,7 +379,7 @@ def _init_distributed() -> int:
             "torchrun --nproc_per_node 2 -m pecker_kernels unlearn --distributed --out runs/x"
         )
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     return dist.get_rank()
 
 

@@ -10,7 +10,10 @@ replaces the concept's); (3) the masked, clipped Adam step and EMA of G (``Salie
 from the forget rows' gradient or reselected every ``refresh_every`` steps. The frozen text encoder encodes
 each prompt once; the frozen VAE only decodes the grids and the evaluation samples. fp16 runs under
 autocast with a ``GradScaler`` per optimizer, bf16 under autocast alone; gradient checkpointing on request.
-Checkpoints hold everything the loop needs to continue bit-identically on the CPU.
+Checkpoints hold everything the loop needs to continue bit-identically on the CPU. Under torchrun
+(``distributed``) the generator and the pseudo-score are sharded with FSDP2, every rank draws its own
+samples (the global batch is world_size x batch) and the mask is one global top-k over every rank's shards,
+as for class forgetting; such runs keep no checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import is_dtensor, like, local
 from ..optim import SalientAdam
-from ..saliency import SaliencyAccumulator
+from ..saliency import ParamGradients, SaliencyAccumulator
 from .diffusion import OneStepGenerator
 from .losses import class_weights, denoising_loss, sid_loss, weighted_mean
 from .text import TextEpsNet, TextPipeline, guided_eps, inspect_pipeline, load_pipeline, read_prompts
+from .trainer import _clipped_shards, _full
 
 METHODS = ("pecker", "sfd")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,6 +86,8 @@ class ConceptConfig:
     classifier: str | None = None
     eval_prompts: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> prompt -> class
     checkpoint_every: int = 100
+    # Under torchrun: FSDP2-sharded generator and pseudo-score, each rank its own samples (the global batch
+    # is world_size x batch), one global mask; gloo on the CPU, nccl on cuda:LOCAL_RANK. No checkpoints.
     distributed: bool = False
 
     def validate(self, timesteps: int = 1000) -> None:
@@ -98,9 +106,10 @@ class ConceptConfig:
             raise ValueError(f"the anchor prompt {self.anchor_prompt!r} is also a forget prompt")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.distributed:
+        if self.distributed and self.precision == "fp16":
             raise ValueError(
-                "--distributed is not supported for concept forgetting yet (one process, one device)"
+                "--distributed runs in fp32 or bf16: fp16's GradScaler would decide on each rank alone "
+                "whether to skip a step (use --precision bf16)"
             )
         for name in ("steps", "batch", "forget_batch", "mask_batches", "samples"):
             value = getattr(self, name)
@@ -149,6 +158,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def run_device(cfg: ConceptConfig) -> torch.device:
+    """``cfg.device``; under --distributed on CUDA, this rank's GPU (torchrun's LOCAL_RANK)."""
+    device = torch.device(cfg.device)
+    if cfg.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 class _Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -169,12 +186,14 @@ class ConceptDistiller:
     ) -> None:
         self.cfg, self.pipe, self.classifier = config, pipe, classifier
         cfg = config
-        self.device = torch.device(cfg.device)
+        self.rank = torch.distributed.get_rank() if cfg.distributed else 0
+        self.device = run_device(cfg)
         self.dtype = PRECISIONS[cfg.precision]
         self.schedule = pipe.schedule
         self.shape = pipe.info.latent_shape
         torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # All sampling in the loop draws from it; each rank draws its own part of the global batch.
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         base = pipe.teacher.to(self.device)
         self.generator = OneStepGenerator(copy.deepcopy(base).requires_grad_(True), self.schedule, cfg.t_init)
         self.pseudo = copy.deepcopy(base).requires_grad_(True)
@@ -184,6 +203,11 @@ class ConceptDistiller:
             for net in (self.generator.net, self.pseudo):
                 net.unet.enable_gradient_checkpointing()
                 net.unet.train()  # diffusers checkpoints only in training mode (the UNets have no dropout)
+        if cfg.distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.generator.net)  # parameters become DTensor shards: the mask spans them all
+            fully_shard(self.pseudo)
         self.gen_params = list(self.generator.net.parameters())
         self.opt_g = SalientAdam(
             self.gen_params,
@@ -276,16 +300,25 @@ class ConceptDistiller:
     def one_shot_mask(self) -> None:
         """SalUn on the forget prompts: |sum over batches of the (norm-1 clipped) forget-rows loss
         gradient|, top ratio. Clipping each batch to norm 1 makes fp16's loss scale irrelevant."""
-        acc = SaliencyAccumulator(self.gen_params, clip_norm=1.0)
-        train_stream, self.gen = self.gen, torch.Generator().manual_seed(self.cfg.seed + 3)
+        params = self.gen_params
+        sharded = any(is_dtensor(p) for p in params)
+        if sharded:
+            acc = SaliencyAccumulator([local(p) for p in params])  # this rank's shards, clipped below
+        else:
+            acc = SaliencyAccumulator(params, clip_norm=1.0)
+        stream = self.cfg.seed + 3 + 7919 * self.rank
+        train_stream, self.gen = self.gen, torch.Generator().manual_seed(stream)
         self.pseudo.requires_grad_(False)
         for _ in range(self.cfg.mask_batches):
             self.opt_g.zero_grad(set_to_none=True)
             self.scaler_g.scale(self.generator_loss(*self._batch(retain=False))).backward()
-            acc.accumulate()
+            acc.accumulate(_clipped_shards(params) if sharded else None)
         self.pseudo.requires_grad_(True)
         self.gen = train_stream
-        self.opt_g.compute_mask(acc.gradients())
+        sums = acc.gradients()
+        if sharded:  # the sums laid out as the parameters: one global selection over every rank's shards
+            sums = ParamGradients([like(s, p) for s, p in zip(sums, params, strict=True)], params)
+        self.opt_g.compute_mask(sums)
         self.opt_g.zero_grad(set_to_none=True)
 
     def setup(self) -> None:
@@ -368,7 +401,7 @@ class ConceptDistiller:
     @torch.no_grad()
     def _load_ema(self) -> None:
         for p, e in zip(self.eval_generator.net.parameters(), self.opt_g.ema_parameters(), strict=True):
-            p.copy_(e)
+            p.copy_(_full(e))  # a DTensor's shards gathered from every rank (a collective)
 
     @torch.no_grad()
     def draw(self, prompts: list[str], z: Tensor) -> Tensor:
@@ -408,7 +441,7 @@ class ConceptDistiller:
         final = self.evaluate()
         per_step = {k: v / max(1, self.step) for k, v in self.timer.seconds.items() if k != "setup_eval"}
         masks = self.opt_g.masks()
-        fraction = sum(int(m.sum()) for m in masks) / sum(p.numel() for p in self.gen_params)
+        fraction = sum(int(_full(m).sum()) for m in masks) / sum(p.numel() for p in self.gen_params)
         metrics = {
             "recipe": "concept",
             "method": self.cfg.method,
@@ -426,12 +459,15 @@ class ConceptDistiller:
             "config": asdict(self.cfg),
             "model": self.pipe.info.to_json(),
             "threads": torch.get_num_threads(),
+            "world_size": torch.distributed.get_world_size() if self.cfg.distributed else 1,
         }
         return {"metrics": metrics, "history": self.history, "before": self.before, "after": after}
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        if self.cfg.distributed:
+            raise ValueError("checkpoints of --distributed runs are not supported")
         rng = {"loop": self.gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -624,10 +660,9 @@ def write_results(out: Path, result: dict[str, Any], d: ConceptDistiller) -> Non
 
 
 def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
-    """``unlearn`` on a text-conditioned pipeline: a new run in ``--out`` or ``--resume OUT``."""
-    from tqdm import tqdm
-
-    from ..cli import Interrupted, RunStatus, _StopFlag, _threads
+    """``unlearn`` on a text-conditioned pipeline: a new run in ``--out`` or ``--resume OUT``; under
+    torchrun with ``--distributed``, every rank trains and only rank 0 writes."""
+    from ..cli import _init_distributed, _threads
     from . import runs
 
     recorded = None
@@ -641,6 +676,8 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
         if recorded.get("status") == "done":
             raise ValueError(f"the run in {out} is finished; nothing to resume")
         config = ConceptConfig(**recorded["concept_config"])
+        if config.distributed:
+            raise ValueError("--distributed runs keep no checkpoints: they cannot be resumed")
         threads = recorded.get("threads")
     else:
         if args.out is None:
@@ -660,11 +697,37 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
     config.validate(load_schedule(_ScheduleWhere(info.path)).steps)
     if recorded is None:
         runs.check_out(out)  # before loading anything large: never overwrite another run
+    if not config.distributed:
+        return _run(args, argv, config, info, out, recorded)
+    device = run_device(config)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank = _init_distributed("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _run(args, argv, config, info, out, None, lead=rank == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run(args, argv, config: ConceptConfig, info, out: Path, recorded: dict | None, lead: bool = True) -> int:
+    """The run itself, once every option is checked; a non-lead rank (``lead`` False) trains its part
+    and writes nothing."""
+    from tqdm import tqdm
+
+    from ..cli import Interrupted, RunStatus, _StopFlag
+    from . import runs
+    from .trainer import check_backend
+
     pipe = load_pipeline(info.path)
     classifier = _classifier(config, pipe)
-    from ..unlearn.trainer import check_backend
-
     check_backend(config.backend)
+    if not lead:
+        d = ConceptDistiller(config, pipe, classifier)
+        d.setup()
+        d.train()
+        d.finish()
+        return 0
+    checkpoints_on = not config.distributed
     lock = runs.resume_lock(out) if recorded is not None else runs.create_out(out)
     with lock, _StopFlag() as stop:
         record = recorded or {
@@ -678,12 +741,12 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
         }
         with RunStatus(out, record) as status:
             d = ConceptDistiller(config, pipe, classifier)
-            resumed = runs.restore_or_set_up(out, d, config)
+            resumed = runs.restore_or_set_up(out if checkpoints_on else None, d, config)
             saved_at = d.step if resumed else None
 
             def save() -> None:
                 nonlocal saved_at
-                if saved_at != d.step:
+                if checkpoints_on and saved_at != d.step:
                     runs.save_checkpoint(out, d)
                     saved_at = d.step
 

@@ -135,7 +135,13 @@ def unlearn_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, or $PECKER_THREADS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--distributed", action="store_true", help="not supported yet for concept forgetting")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run under torchrun: FSDP2-sharded generator and pseudo-score, one global mask over every "
+        "rank's shards, each rank its own samples (no checkpoints: such a run cannot be resumed; fp32 or "
+        "bf16)",
+    )
     return p
 
 

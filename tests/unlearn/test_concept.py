@@ -8,6 +8,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -217,6 +219,75 @@ def test_unlearn_help_lists_the_options_of_both_modes(sd_pipeline, capsys):
     assert "class forgetting (a class-conditional model)" in " ".join(text.split())
 
 
+def _torchrun(nproc, argv, out):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "pecker_kernels",
+    ]
+    proc = subprocess.run(
+        [*cmd, *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_distributed_run_shards_the_generator_and_masks_one_global_fraction(sd_pipeline, tmp_path):
+    argv = ["unlearn", "--model", str(sd_pipeline), *FAST, "--steps", "3", "--ratio", "0.3", "--distributed"]
+    out = tmp_path / "two-ranks"
+    _torchrun(2, argv, out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["concept_config"]["distributed"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    # One selection over both ranks' shards: exactly floor(0.3 N) of the N generator weights.
+    n = metrics["generator_parameters"]
+    assert round(metrics["updated_fraction"] * n) == math.floor(0.3 * n)
+    generator = UNet2DConditionModel.from_pretrained(out / "generator")
+    teacher = UNet2DConditionModel.from_pretrained(sd_pipeline / "unet")
+    moved = sum(
+        int((p != t).sum()) for p, t in zip(generator.parameters(), teacher.parameters(), strict=True)
+    )
+    assert 0 < moved <= math.floor(0.3 * n)  # both ranks stepped the same one-shot mask's weights
+    history = json.loads((out / "history.json").read_text())["train"]
+    assert len(history["loss_generator"]) == 3 and all(math.isfinite(v) for v in history["loss_generator"])
+    for png in ("samples_before.png", "samples_after.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    (out / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    with pytest.raises(SystemExit, match="--distributed runs keep no checkpoints: they cannot be resumed"):
+        main(["unlearn", "--resume", str(out)])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--mask-batches", "2", "--gradient-checkpointing"],  # one-shot mask: clipped over the shards
+        ["--refresh-every", "2", "--precision", "bf16"],  # reselected on the shards, under autocast
+    ],
+    ids=["one-shot-checkpointing", "refresh-bf16"],
+)
+def test_a_one_rank_distributed_run_gives_the_single_process_generator(sd_pipeline, tmp_path, extra):
+    """Under torchrun with one rank the FSDP2 path (sharded networks, mask and EMA over DTensors, the
+    gathered EMA saved) must reproduce the plain run exactly: the same weights, the same losses."""
+    argv = ["unlearn", "--model", str(sd_pipeline), *FAST, "--steps", "3", *extra]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main([*argv, "--out", str(single)]) == 0
+    _torchrun(1, [*argv, "--distributed"], sharded)
+    assert json.loads((sharded / "metrics.json").read_text())["world_size"] == 1
+    expected, got = weights(single), weights(sharded)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    losses = [json.loads((f / "history.json").read_text())["train"] for f in (single, sharded)]
+    assert losses[1] == losses[0]
+
+
 def _distiller(folder, **overrides):
     config = ConceptConfig(
         model=str(folder),
@@ -269,13 +340,15 @@ def test_mixed_precision_steps_under_autocast_and_keep_fp32_master_weights(sd_pi
     [
         (["--anchor-prompt", "a photo of a cat"], "is also a forget prompt"),
         (["--precision", "fp8"], "--precision must be one of"),
-        (["--distributed"], "--distributed is not supported for concept forgetting"),
+        (["--distributed", "--precision", "fp16"], "--distributed runs in fp32 or bf16"),
+        (["--distributed"], "--distributed runs under torchrun"),
         (["--cfg", "0.5"], "--cfg must be >= 1"),
         (["--init-timestep", "1000"], "--init-timestep"),
         (["--eval-prompts", "missing.json"], "--eval-prompts missing.json"),
     ],
 )
 def test_bad_options_are_refused_before_any_output(sd_pipeline, tmp_path, monkeypatch, extra, message):
+    monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(ConceptDistiller, "__init__", lambda *a: pytest.fail("built"))
     out = tmp_path / "never"
     with pytest.raises(SystemExit, match=message):
