@@ -33,20 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import is_dtensor, like, local
 from ..optim import SalientAdam
-from ..saliency import ParamGradients, SaliencyAccumulator
 from .diffusion import OneStepGenerator
 from .losses import class_weights, denoising_loss, sid_loss, weighted_mean
 from .text import TextEpsNet, TextPipeline, guided_eps, inspect_pipeline, load_pipeline, read_prompts
-from .trainer import _clipped_shards, _full
+from .trainer import DistillerParts, NonFiniteLossError, _Timer, shard
 
 METHODS = ("pecker", "sfd")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class NonFiniteLossError(ValueError):
-    """A loss became NaN or infinite outside what the fp16 GradScaler handles: the run stops."""
 
 
 @dataclass
@@ -166,20 +160,10 @@ def run_device(cfg: ConceptConfig) -> torch.device:
     return device
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def add(self, name: str, start: float) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - start
-        return now
-
-
-class ConceptDistiller:
+class ConceptDistiller(DistillerParts):
     """One concept-forgetting run: ``setup()``, ``train()`` (resumable via ``state_dict``), ``finish()``."""
+
+    LOSS_OPTIONS = "--lr, --lr-pseudo, --cfg, --precision"
 
     def __init__(
         self, config: ConceptConfig, pipe: TextPipeline, classifier: nn.Module | None = None
@@ -204,10 +188,7 @@ class ConceptDistiller:
                 net.unet.enable_gradient_checkpointing()
                 net.unet.train()  # diffusers checkpoints only in training mode (the UNets have no dropout)
         if cfg.distributed:
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(self.generator.net)  # parameters become DTensor shards: the mask spans them all
-            fully_shard(self.pseudo)
+            shard(self.generator.net, self.pseudo)
         self.gen_params = list(self.generator.net.parameters())
         self.opt_g = SalientAdam(
             self.gen_params,
@@ -283,6 +264,10 @@ class ConceptDistiller:
     def cfg_fake(self) -> float:
         return self.cfg.cfg_fake
 
+    @property
+    def skips_non_finite(self) -> bool:
+        return self.cfg.precision == "fp16"  # GradScaler skips an overflowing step and lowers its scale
+
     def generator_loss(self, states: Tensor, teacher_states: Tensor, weights: Tensor) -> Tensor:
         with self._autocast():
             x0 = self.generator(self._randn(len(states)), states).float()
@@ -297,51 +282,19 @@ class ConceptDistiller:
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    def one_shot_mask(self) -> None:
-        """SalUn on the forget prompts: |sum over batches of the (norm-1 clipped) forget-rows loss
-        gradient|, top ratio. Clipping each batch to norm 1 makes fp16's loss scale irrelevant."""
-        params = self.gen_params
-        sharded = any(is_dtensor(p) for p in params)
-        if sharded:
-            acc = SaliencyAccumulator([local(p) for p in params])  # this rank's shards, clipped below
-        else:
-            acc = SaliencyAccumulator(params, clip_norm=1.0)
-        stream = self.cfg.seed + 3 + 7919 * self.rank
-        train_stream, self.gen = self.gen, torch.Generator().manual_seed(stream)
-        self.pseudo.requires_grad_(False)
-        for _ in range(self.cfg.mask_batches):
-            self.opt_g.zero_grad(set_to_none=True)
-            self.scaler_g.scale(self.generator_loss(*self._batch(retain=False))).backward()
-            acc.accumulate(_clipped_shards(params) if sharded else None)
-        self.pseudo.requires_grad_(True)
-        self.gen = train_stream
-        sums = acc.gradients()
-        if sharded:  # the sums laid out as the parameters: one global selection over every rank's shards
-            sums = ParamGradients([like(s, p) for s, p in zip(sums, params, strict=True)], params)
-        self.opt_g.compute_mask(sums)
-        self.opt_g.zero_grad(set_to_none=True)
+    def forget_loss(self) -> Tensor:
+        """The forget rows' generator loss (the one-shot mask's saliency), scaled under fp16: the mask
+        clips each batch's gradient to norm 1, which makes the loss scale irrelevant."""
+        return self.scaler_g.scale(self.generator_loss(*self._batch(retain=False)))
 
     def setup(self) -> None:
         start = time.perf_counter()
         self.before = self.grid_samples()
         self.initial = self.evaluate()
         t0 = time.perf_counter()
-        if self.cfg.method == "pecker" and self.cfg.refresh_every == 0:
-            self.one_shot_mask()
-        elif self.cfg.method == "sfd":
-            self.opt_g.set_masks([torch.ones_like(p, dtype=torch.bool) for p in self.gen_params])
-        self.setup_seconds = time.perf_counter() - t0
+        self.setup_seconds = self.set_up_mask()
         self.train_seconds = self.setup_seconds
         self.timer.seconds["setup_eval"] = t0 - start
-
-    def _finite(self, loss: Tensor, what: str) -> float:
-        value = float(loss.detach())
-        if not math.isfinite(value) and self.cfg.precision != "fp16":
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: the {what} loss is {value} (not finite); the run stopped rather "
-                "than skip the step (check --lr, --lr-pseudo, --cfg, --precision)"
-            )
-        return value
 
     def train_step(self) -> None:
         cfg, timer = self.cfg, self.timer
@@ -349,7 +302,7 @@ class ConceptDistiller:
         states, teacher_states, weights = self._batch()
         # 1. pseudo-score.
         loss_p = self.pseudo_loss(states, weights)
-        lp = self._finite(loss_p, "pseudo-score")
+        lp = self.finite_loss(loss_p, "pseudo-score")
         self.opt_p.zero_grad(set_to_none=True)
         self.scaler_p.scale(loss_p).backward()
         t1 = timer.add("pseudo_forward_backward", t0)
@@ -361,7 +314,7 @@ class ConceptDistiller:
         # 2. generator: no gradient into the pseudo-score's or the teacher's weights.
         self.pseudo.requires_grad_(False)
         loss_g = self.generator_loss(states, teacher_states, weights)
-        lg = self._finite(loss_g, "generator")
+        lg = self.finite_loss(loss_g, "generator")
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss_g).backward()
         self.pseudo.requires_grad_(True)
@@ -397,11 +350,6 @@ class ConceptDistiller:
                 after_step(self)
 
     # ---- samples and evaluation ------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _load_ema(self) -> None:
-        for p, e in zip(self.eval_generator.net.parameters(), self.opt_g.ema_parameters(), strict=True):
-            p.copy_(_full(e))  # a DTensor's shards gathered from every rank (a collective)
 
     @torch.no_grad()
     def draw(self, prompts: list[str], z: Tensor) -> Tensor:
@@ -440,8 +388,6 @@ class ConceptDistiller:
         after = self.grid_samples()
         final = self.evaluate()
         per_step = {k: v / max(1, self.step) for k, v in self.timer.seconds.items() if k != "setup_eval"}
-        masks = self.opt_g.masks()
-        fraction = sum(int(_full(m).sum()) for m in masks) / sum(p.numel() for p in self.gen_params)
         metrics = {
             "recipe": "concept",
             "method": self.cfg.method,
@@ -451,7 +397,7 @@ class ConceptDistiller:
             "train_seconds": self.train_seconds,
             "setup_seconds": self.setup_seconds,
             "per_step_seconds": per_step,
-            "updated_fraction": fraction,
+            "updated_fraction": self.updated_fraction(),
             "generator_parameters": sum(p.numel() for p in self.gen_params),
             "skipped_steps": sum(self.history["skipped"]),
             "initial": self.initial,
@@ -466,49 +412,19 @@ class ConceptDistiller:
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self.cfg.distributed:
-            raise ValueError("checkpoints of --distributed runs are not supported")
-        rng = {"loop": self.gen.get_state(), "torch": torch.get_rng_state()}
+        state = self.training_state()
+        state.update(scaler_g=self.scaler_g.state_dict(), scaler_p=self.scaler_p.state_dict())
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "step": self.step,
-            "generator": {k: v.detach().clone() for k, v in self.generator.net.state_dict().items()},
-            "pseudo": {k: v.detach().clone() for k, v in self.pseudo.state_dict().items()},
-            "opt_g": copy.deepcopy(self.opt_g.state_dict()),
-            "opt_p": copy.deepcopy(self.opt_p.state_dict()),
-            "scaler_g": self.scaler_g.state_dict(),
-            "scaler_p": self.scaler_p.state_dict(),
-            "rng": rng,
-            "history": copy.deepcopy(self.history),
-            "progress": {
-                "timer": dict(self.timer.seconds),
-                "setup_seconds": self.setup_seconds,
-                "train_seconds": self.train_seconds,
-            },
-            "initial": self.initial,
-            "before": self.before,
-            "config": asdict(self.cfg),
-        }
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.net.load_state_dict(state["generator"])
-        self.pseudo.load_state_dict(state["pseudo"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_p.load_state_dict(state["opt_p"])
+        self.load_training_state(state)
         if state["scaler_g"]:
             self.scaler_g.load_state_dict(state["scaler_g"])
             self.scaler_p.load_state_dict(state["scaler_p"])
-        self.gen.set_state(state["rng"]["loop"])
-        torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.step = int(state["step"])
-        self.history = state["history"]
-        progress = state["progress"]
-        self.timer.seconds = dict(progress["timer"])
-        self.setup_seconds, self.train_seconds = progress["setup_seconds"], progress["train_seconds"]
-        self.initial, self.before = state["initial"], state["before"]
 
 
 # ---- the command -------------------------------------------------------------------------------------
@@ -819,4 +735,11 @@ def sample(run: Path, prompt: str, n: int, seed: int, out: Path, tensor: Path | 
     return images
 
 
-__all__ = ["ConceptConfig", "ConceptDistiller", "config_from_args", "run_concept", "sample"]
+__all__ = [
+    "ConceptConfig",
+    "ConceptDistiller",
+    "NonFiniteLossError",
+    "config_from_args",
+    "run_concept",
+    "sample",
+]

@@ -375,18 +375,141 @@ def check_backend(backend: str) -> None:
 
 
 class _Timer:
-    """Accumulates wall seconds per phase."""
+    """Accumulates wall seconds per phase (after the GPU's queued work, where there is a GPU)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     def add(self, name: str, start: float) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - start
         return now
 
 
-class Distiller:
+def shard(*modules: nn.Module) -> None:
+    """FSDP2 over each module (under --distributed): its parameters become DTensor shards, so the
+    saliency mask and the optimizer span every rank's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in modules:
+        fully_shard(module)
+
+
+class DistillerParts:
+    """What the class and the concept distillers share: the mask before training, the EMA weights of the
+    evaluation generator, the updated fraction, and the part of a checkpoint common to both. A subclass
+    sets ``cfg``, ``rank``, ``gen`` (the loop's random stream), ``generator``, ``pseudo``,
+    ``eval_generator``, ``gen_params``, ``opt_g``, ``opt_p``, ``step``, ``history``, ``timer``,
+    ``setup_seconds``, ``train_seconds``, ``initial`` and ``before``, and defines ``forget_loss()``."""
+
+    # What a non-finite loss's error names to check (the options that make a loss overflow).
+    LOSS_OPTIONS = "--lr, --lr-pseudo, --alpha, --forget-weight"
+    # Whether a non-finite loss skips its step instead of stopping the run (fp16's GradScaler).
+    skips_non_finite = False
+
+    def forget_loss(self) -> Tensor:
+        """One batch's forgetting loss (forget rows only), ready for ``backward()``: what scores saliency."""
+        raise NotImplementedError
+
+    def finite_loss(self, loss: Tensor, what: str) -> float:
+        """The loss's value; NonFiniteLossError when it is NaN or infinite (unless ``skips_non_finite``)."""
+        value = float(loss.detach())
+        if not math.isfinite(value) and not self.skips_non_finite:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the {what} loss is {value} (not finite); the run stopped rather "
+                f"than skip the step (check {self.LOSS_OPTIONS})"
+            )
+        return value
+
+    def one_shot_mask(self) -> None:
+        """SalUn: |sum over forget batches of the (norm-1 clipped) forgetting-loss gradient|, top ratio.
+        Sharded (--distributed): each rank sums its shards, clipped by the norm over every rank's."""
+        params = self.gen_params
+        sharded = any(is_dtensor(p) for p in params)
+        if sharded:
+            acc = SaliencyAccumulator([local(p) for p in params])  # this rank's shards, clipped below
+        else:
+            acc = SaliencyAccumulator(params, clip_norm=1.0)
+        # Its own random stream: pecker and sfd then train on the very same noise, labels and times.
+        stream = self.cfg.seed + 3 + 7919 * self.rank
+        train_stream, self.gen = self.gen, torch.Generator().manual_seed(stream)
+        self.pseudo.requires_grad_(False)
+        for _ in range(self.cfg.mask_batches):
+            self.opt_g.zero_grad(set_to_none=True)
+            self.forget_loss().backward()
+            acc.accumulate(_clipped_shards(params) if sharded else None)
+        self.pseudo.requires_grad_(True)
+        self.gen = train_stream
+        sums = acc.gradients()
+        if sharded:  # the sums laid out as the parameters: one global selection over every rank's shards
+            sums = ParamGradients([like(s, p) for s, p in zip(sums, params, strict=True)], params)
+        self.opt_g.compute_mask(sums)
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def set_up_mask(self) -> float:
+        """The mask before training: one-shot (pecker without reselection), every weight (sfd), or none
+        yet (pecker reselecting: its first step selects). Returns the seconds it took."""
+        start = time.perf_counter()
+        if self.cfg.method == "pecker" and self.cfg.refresh_every == 0:
+            self.one_shot_mask()
+        elif self.cfg.method == "sfd":
+            self.opt_g.set_masks([torch.ones_like(p, dtype=torch.bool) for p in self.gen_params])
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _load_ema(self) -> None:
+        for p, e in zip(self.eval_generator.net.parameters(), self.opt_g.ema_parameters(), strict=True):
+            p.copy_(_full(e))
+
+    def updated_fraction(self) -> float:
+        """The fraction of the generator's weights its mask updates (over every rank's shards)."""
+        selected = sum(int(_full(m).sum()) for m in self.opt_g.masks())
+        return float(selected / sum(p.numel() for p in self.gen_params))
+
+    def training_state(self) -> dict[str, Any]:
+        """The checkpoint's common part: both networks, both optimizers (the generator's with its masks
+        and EMA), the loop's and torch's random states, the step, the history, the time so far, the
+        start's samples and metrics, and the options."""
+        if self.cfg.distributed:
+            raise ValueError("checkpoints of --distributed runs are not supported")
+        return {
+            "step": self.step,
+            "generator": {k: v.detach().clone() for k, v in self.generator.net.state_dict().items()},
+            "pseudo": {k: v.detach().clone() for k, v in self.pseudo.state_dict().items()},
+            "opt_g": copy.deepcopy(self.opt_g.state_dict()),
+            "opt_p": copy.deepcopy(self.opt_p.state_dict()),
+            "rng": {"loop": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "history": copy.deepcopy(self.history),
+            "progress": {
+                "timer": dict(self.timer.seconds),
+                "setup_seconds": self.setup_seconds,
+                "train_seconds": self.train_seconds,
+            },
+            "initial": self.initial,
+            "before": self.before,
+            "config": asdict(self.cfg),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``training_state()``'s part of a checkpoint."""
+        self.generator.net.load_state_dict(state["generator"])
+        self.pseudo.load_state_dict(state["pseudo"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_p.load_state_dict(state["opt_p"])
+        self.gen.set_state(state["rng"]["loop"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step = int(state["step"])
+        self.history = state["history"]
+        progress = state["progress"]
+        self.timer.seconds = dict(progress["timer"])
+        self.setup_seconds = progress["setup_seconds"]
+        self.train_seconds = progress["train_seconds"]
+        self.initial, self.before = state["initial"], state["before"]
+
+
+class Distiller(DistillerParts):
     """One unlearning run: ``setup()`` (initial metrics, the one-shot mask), ``train()`` (resumable; a
     checkpoint is ``state_dict()``), ``finish()`` (final metrics). ``run()`` does all three."""
 
@@ -410,10 +533,7 @@ class Distiller:
         )
         self.pseudo = copy.deepcopy(ctx.teacher).requires_grad_(True)
         if config.distributed:
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(self.generator.net)  # parameters become DTensor shards: the mask spans them all
-            fully_shard(self.pseudo)
+            shard(self.generator.net, self.pseudo)
         self.eval_generator = OneStepGenerator(copy.deepcopy(start), self.schedule, config.t_init)
         self.gen_params = list(self.generator.net.parameters())
         self.opt_g = SalientAdam(
@@ -503,7 +623,7 @@ class Distiller:
         f_pseudo = self.schedule.x0_from_eps(xt, t, self.pseudo(xt, t, labels))
         return (sid_loss(x0, f_teacher, f_pseudo, self.cfg.alpha) * coefficients).sum()
 
-    def forget_only_loss(self) -> Tensor:
+    def forget_loss(self) -> Tensor:
         """The forgetting term alone (forget-class rows), the loss that defines one-shot saliency."""
         cfg = self.cfg
         labels, teacher_labels, _, _ = self._labels()
@@ -512,11 +632,6 @@ class Distiller:
         return self.generator_loss(labels[rows], teacher_labels[rows], mean)
 
     # ---- evaluation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def _load_ema(self) -> None:
-        for p, e in zip(self.eval_generator.net.parameters(), self.opt_g.ema_parameters(), strict=True):
-            p.copy_(_full(e))
 
     @torch.no_grad()
     def _quick_eval(self) -> tuple[float, float]:
@@ -565,54 +680,15 @@ class Distiller:
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    def one_shot_mask(self) -> None:
-        """SalUn: |sum over forget batches of the (norm-1 clipped) forgetting-loss gradient|, top ratio.
-        Sharded (--distributed): each rank sums its shards, clipped by the norm over every rank's."""
-        params = self.gen_params
-        sharded = any(is_dtensor(p) for p in params)
-        if sharded:
-            acc = SaliencyAccumulator([local(p) for p in params])  # this rank's shards, clipped below
-        else:
-            acc = SaliencyAccumulator(params, clip_norm=1.0)
-        # Its own random stream: pecker and sfd then train on the very same noise, labels and times.
-        train_stream, self.gen = self.gen, torch.Generator().manual_seed(self.cfg.seed + 3 + 7919 * self.rank)
-        for _ in range(self.cfg.mask_batches):
-            self.opt_g.zero_grad(set_to_none=True)
-            self.pseudo.requires_grad_(False)
-            self.forget_only_loss().backward()
-            self.pseudo.requires_grad_(True)
-            acc.accumulate(_clipped_shards(params) if sharded else None)
-        self.gen = train_stream
-        sums = acc.gradients()
-        if sharded:  # the sums laid out as the parameters: one global selection over every rank's shards
-            sums = ParamGradients([like(s, p) for s, p in zip(sums, params, strict=True)], params)
-        self.opt_g.compute_mask(sums)
-        self.opt_g.zero_grad(set_to_none=True)
-
     def setup(self) -> None:
         """The generator's metrics before unlearning, the mask (one-shot pecker; all-ones sfd) and the
         evaluation at step 0."""
-        cfg = self.cfg
         self.before = self.final_samples()
         self.initial = self._evaluate(self.before)
-        start = time.perf_counter()
-        if cfg.method == "pecker" and cfg.refresh_every == 0:
-            self.one_shot_mask()
-        elif cfg.method == "sfd":
-            self.opt_g.set_masks([torch.ones_like(p, dtype=torch.bool) for p in self.gen_params])
-        self.setup_seconds = time.perf_counter() - start
+        self.setup_seconds = self.set_up_mask()
         # What time-to-forget counts: setup + training steps, no evaluation.
         self.train_seconds = self.setup_seconds
         self._record_eval()
-
-    def _check_finite(self, loss: Tensor, what: str) -> float:
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: the {what} loss is {value} (not finite); the run stopped rather "
-                "than skip the step (check --lr, --lr-pseudo, --alpha, --forget-weight)"
-            )
-        return value
 
     def train_step(self) -> None:
         cfg, timer = self.cfg, self.timer
@@ -620,7 +696,7 @@ class Distiller:
         labels, teacher_labels, _, weights = self._labels()
         # 1. pseudo-score: learn the score of the generator's current samples.
         loss_p = self.pseudo_loss(labels, weights)
-        lp = self._check_finite(loss_p, "pseudo-score")
+        lp = self.finite_loss(loss_p, "pseudo-score")
         self.opt_p.zero_grad(set_to_none=True)
         loss_p.backward()
         t1 = timer.add("forward_backward", t0)
@@ -630,7 +706,7 @@ class Distiller:
         # 2. generator: SiD loss + forgetting term; no gradient into teacher or pseudo-score weights.
         self.pseudo.requires_grad_(False)
         loss_g = self.generator_loss(labels, teacher_labels, weights)
-        lg = self._check_finite(loss_g, "generator")
+        lg = self.finite_loss(loss_g, "generator")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.pseudo.requires_grad_(True)
@@ -680,9 +756,6 @@ class Distiller:
         after = self.final_samples()
         final = self._evaluate(after)
         per_step = {k: v / max(1, self.step) for k, v in self.timer.seconds.items() if k != "eval"}
-        mask_fraction = float(
-            sum(int(_full(m).sum()) for m in self.opt_g.masks()) / sum(p.numel() for p in self.gen_params)
-        )
         metrics = {
             "method": cfg.method,
             "forget_class": cfg.forget,
@@ -698,7 +771,7 @@ class Distiller:
             "time_to_forget_seconds": self.time_to_forget,
             "target": cfg.target,
             "per_step_seconds": per_step,
-            "updated_fraction": mask_fraction,
+            "updated_fraction": self.updated_fraction(),
             "generator_parameters": sum(p.numel() for p in self.gen_params),
             "initial": self.initial,
             "config": asdict(cfg),
@@ -729,50 +802,25 @@ class Distiller:
     def state_dict(self) -> dict[str, Any]:
         """Everything the loop needs to continue bit-identically: both networks, both optimizers (the
         generator's with its masks and EMA), every random state, the step and the history."""
-        if self.cfg.distributed:
-            raise ValueError("checkpoints of --distributed runs are not supported")
-        return {
-            "step": self.step,
-            "generator": {k: v.detach().clone() for k, v in self.generator.net.state_dict().items()},
-            "pseudo": {k: v.detach().clone() for k, v in self.pseudo.state_dict().items()},
-            "opt_g": copy.deepcopy(self.opt_g.state_dict()),
-            "opt_p": copy.deepcopy(self.opt_p.state_dict()),
-            "rng": {"loop": self.gen.get_state(), "torch": torch.get_rng_state()},
-            "history": copy.deepcopy(self.history),
-            "evals": copy.deepcopy(self.evals),
-            "progress": {
-                "timer": dict(self.timer.seconds),
-                "setup_seconds": self.setup_seconds,
-                "train_seconds": self.train_seconds,
-                "loop_seconds": self.loop_seconds,
-                "steps_to_forget": self.steps_to_forget,
-                "time_to_forget": self.time_to_forget,
-                "last_forget_accuracy": self.last_forget_accuracy,
-            },
-            "initial": self.initial,
-            "before": self.before,
-            "config": asdict(self.cfg),
-        }
+        state = self.training_state()
+        state["evals"] = copy.deepcopy(self.evals)
+        state["progress"].update(
+            loop_seconds=self.loop_seconds,
+            steps_to_forget=self.steps_to_forget,
+            time_to_forget=self.time_to_forget,
+            last_forget_accuracy=self.last_forget_accuracy,
+        )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``: the opposite of ``setup()`` plus the steps done so far."""
-        self.generator.net.load_state_dict(state["generator"])
-        self.pseudo.load_state_dict(state["pseudo"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_p.load_state_dict(state["opt_p"])
-        self.gen.set_state(state["rng"]["loop"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.step = int(state["step"])
-        self.history, self.evals = state["history"], state["evals"]
+        self.load_training_state(state)
+        self.evals = state["evals"]
         progress = state["progress"]
-        self.timer.seconds = dict(progress["timer"])
-        self.setup_seconds = progress["setup_seconds"]
-        self.train_seconds = progress["train_seconds"]
         self.loop_seconds = progress["loop_seconds"]
         self.steps_to_forget = progress["steps_to_forget"]
         self.time_to_forget = progress["time_to_forget"]
         self.last_forget_accuracy = progress["last_forget_accuracy"]
-        self.initial, self.before = state["initial"], state["before"]
 
 
 def _clipped_shards(params: list[Tensor]) -> list[Tensor | None]:
