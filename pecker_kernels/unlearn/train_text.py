@@ -57,7 +57,7 @@ def text_unet_config(
     image_size: int = 8,
     channels: int = 1,
     text_dim: int = 32,
-    width: tuple[int, int] = (32, 48),
+    width: tuple[int, int] = (16, 32),
     head_width: int = 16,
 ) -> dict[str, Any]:
     """The demonstration's ``UNet2DConditionModel``: two levels of ``width`` channels, every block
