@@ -10,7 +10,7 @@ The UNet reads the prompt only through cross-attention, so every block cross-att
 up, and the middle block) with heads 16 wide, and its attention layers attend to the prompt only
 (``only_cross_attention``: an 8x8 digit needs no self-attention). The earlier layout (cross-attention in one
 block per direction, eight heads of width 2) learned to ignore its captions: after 800 steps its noise
-prediction moved by 0.7 % between a caption and the empty prompt and its samples were labelled as their
+prediction moved by 0.7-1 % between a caption and the empty prompt and its samples were labelled as their
 caption's digit at chance. ``conditioning_report`` measures that, and ``caption_following`` how often
 guided samples are labelled as their caption's digit by a classifier, per prompt, for the training and the
 held-out templates apart; both go into the training record."""
