@@ -1,11 +1,13 @@
 """The digits-with-captions teacher (train_text): its tokenizer gives every caption word a token of its own,
 its UNet cross-attends in every block, the text encoder is trained with it, the conditioning probe sees a
-UNet that ignores its prompt, caption following is reported per prompt for both template groups, and the
-saved pipeline reloads with the same prompt encoding. Tiny networks and a few steps only."""
+UNet that ignores its prompt, caption following is reported per prompt for both template groups, the saved
+pipeline reloads with the same prompt encoding, and the packaged teacher's guided samples are labelled as
+their captions' digits. Tiny networks and a few steps only; the packaged teacher is only sampled."""
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from pecker_kernels.unlearn import checkpoints
 from pecker_kernels.unlearn.data import Dataset
 from pecker_kernels.unlearn.diffusion import Schedule
 from pecker_kernels.unlearn.models import Classifier
@@ -23,6 +25,8 @@ from pecker_kernels.unlearn.train_text import (
     build_text_model,
     caption_following,
     conditioning_report,
+    guided_ddim,
+    prompt,
     save_text_pipeline,
     text_unet_config,
     token_report,
@@ -115,3 +119,20 @@ def test_a_few_steps_train_the_text_encoder_and_record_caption_following_per_pro
     assert torch.allclose(pipe.prompts(texts), PromptEncoder(tokenizer, text_encoder)(texts), atol=1e-6)
     again = caption_following(pipe.teacher, pipe.prompts, classifier, (1, 8, 8), 10, 2, 3.0, 2, 1)
     assert again["train_templates"] == following["ddim2_cfg3"]["train_templates"]
+
+
+def test_the_packaged_text_teacher_loads_and_follows_its_captions():
+    folder = checkpoints.PACKAGED / "digits_text_teacher"
+    info = inspect_pipeline(folder)
+    assert info.latent_shape == (1, 8, 8) and not info.has_vae
+    pipe = load_pipeline(folder)
+    assert token_report(pipe.prompts.tokenizer)["unknown_words"] == []
+    clf = checkpoints.load(checkpoints.default_path("digits", "classifier"), "classifier", "digits", 8, 10)
+    digits = [3, 8, 1]
+    templates = (TRAIN_TEMPLATES[0], HELDOUT_TEMPLATES[0])
+    texts = [prompt(t, d) for d in digits for t in templates for _ in range(4)]
+    images = guided_ddim(pipe.teacher, pipe.prompts, texts, (1, 8, 8), 3.0, 10, 0)
+    with torch.no_grad():
+        preds = clf(images).argmax(1)
+    labels = torch.tensor([d for d in digits for _ in range(8)])
+    assert (preds == labels).float().mean() >= 0.9
