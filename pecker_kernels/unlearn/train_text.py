@@ -8,12 +8,16 @@ one caption in ten is dropped to "" (classifier-free guidance).
 
 The UNet reads the prompt only through cross-attention, so every block cross-attends (both levels down and
 up, and the middle block) with heads 16 wide, and its attention layers attend to the prompt only
-(``only_cross_attention``: an 8x8 digit needs no self-attention). The earlier layout (cross-attention in one
-block per direction, eight heads of width 2) learned to ignore its captions: after 800 steps its noise
-prediction moved by 0.7-1 % between a caption and the empty prompt and its samples were labelled as their
-caption's digit at chance. ``conditioning_report`` measures that, and ``caption_following`` how often
-guided samples are labelled as their caption's digit by a classifier, per prompt, for the training and the
-held-out templates apart; both go into the training record."""
+(``only_cross_attention``: an 8x8 digit needs no self-attention). Caption following takes enough training:
+the model first learns the digits without their captions, and its noise prediction starts to depend on
+the prompt after some 40-50k training images (300-400 steps of 128). An 800-step, batch-32 run stops
+before that: its prediction moved by 0.7-1 % between a caption and the empty prompt and its samples were
+labelled as their caption's digit at chance. At 1,000 steps of 128 this layout and the earlier one (one
+cross-attending block per direction, eight heads of width 2) both follow the training captions; on the
+held-out templates this one reaches 97 %, the earlier one 81 %. ``conditioning_report`` measures how much
+the prompt moves the prediction, and ``caption_following`` how often guided samples are labelled as their
+caption's digit by a classifier, per prompt, for the training and the held-out templates apart; both go
+into the training record."""
 
 from __future__ import annotations
 
