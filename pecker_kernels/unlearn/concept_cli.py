@@ -224,6 +224,9 @@ def cmd_train_text(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{args.dataset.replace('-', '_')}_text_pipeline"
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
+    from ..cli import _threads
+
+    _threads(args.threads)  # one thread unless asked, as every other command
     data = load_dataset(args.dataset)
     log_every = max(1, args.steps // 20)
 
