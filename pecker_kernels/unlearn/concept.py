@@ -55,6 +55,9 @@ class ConceptConfig:
     steps: int = 200
     batch: int = 4  # retain-prompt samples per step (SFD: total batch 8 over the GPUs)
     forget_batch: int = 4
+    # A UNet2DConditionModel folder the one-step generator starts from (SFD: a one-step SiD generator of
+    # the pipeline); None: the pipeline's own UNet (distil and forget at once).
+    init: str | None = None
     lr_generator: float = 1e-6  # SFD on SD-1.5
     lr_pseudo: float = 3e-6
     adam_eps: float = 1e-6
@@ -134,6 +137,8 @@ class ConceptConfig:
             raise ValueError(
                 f"need 0 <= --t-min < --t-max <= {timesteps} and 0 <= --init-timestep < {timesteps}"
             )
+        if self.init is not None and not (Path(self.init) / "config.json").is_file():
+            raise ValueError(f"--init {self.init}: not a UNet2DConditionModel folder (no config.json)")
         if self.eval_prompts and not self.classifier:
             raise ValueError("--eval-prompts needs --classifier PATH (the classifier of the decoded images)")
 
@@ -146,6 +151,23 @@ class ConceptConfig:
         if self.sample_prompts:
             return list(self.sample_prompts)
         return list(dict.fromkeys([*self.forget_prompts, str(self.anchor_prompt), *self.retain[:3]]))
+
+
+def _with_unet_weights(base: nn.Module, folder: str) -> nn.Module:
+    """A copy of ``base`` (a TextEpsNet) whose UNet holds the weights of the UNet2DConditionModel saved in
+    ``folder``, which must have the pipeline UNet's architecture."""
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_pretrained(folder)
+    net = copy.deepcopy(base)
+    try:
+        net.unet.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [""]
+        raise ValueError(
+            f"--init {folder}: its UNet does not have the pipeline UNet's architecture ({first[0].strip()})"
+        ) from e
+    return net
 
 
 def default_device() -> str:
@@ -179,9 +201,11 @@ class ConceptDistiller(DistillerParts):
         # All sampling in the loop draws from it; each rank draws its own part of the global batch.
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         base = pipe.teacher.to(self.device)
-        self.generator = OneStepGenerator(copy.deepcopy(base).requires_grad_(True), self.schedule, cfg.t_init)
-        self.pseudo = copy.deepcopy(base).requires_grad_(True)
-        self.eval_generator = OneStepGenerator(copy.deepcopy(base), self.schedule, cfg.t_init).eval()
+        start = base if cfg.init is None else _with_unet_weights(base, cfg.init)
+        trained = copy.deepcopy(start).requires_grad_(True)
+        self.generator = OneStepGenerator(trained, self.schedule, cfg.t_init)
+        self.pseudo = copy.deepcopy(base).requires_grad_(True)  # the pseudo-score starts from the teacher
+        self.eval_generator = OneStepGenerator(copy.deepcopy(start), self.schedule, cfg.t_init).eval()
         self.teacher = base if self.dtype is None else base.to(self.dtype)  # frozen: half weights suffice
         if cfg.gradient_checkpointing:
             for net in (self.generator.net, self.pseudo):
@@ -457,6 +481,7 @@ def config_from_args(args: argparse.Namespace) -> ConceptConfig:
         steps=args.steps,
         batch=args.batch,
         forget_batch=args.forget_batch,
+        init=args.init,
         lr_generator=args.lr,
         lr_pseudo=args.lr_pseudo,
         alpha=args.alpha,

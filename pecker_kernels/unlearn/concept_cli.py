@@ -85,6 +85,12 @@ def unlearn_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cfg", type=float, default=d.cfg, help="the teacher's guidance scale")
     p.add_argument("--cfg-fake", type=float, default=d.cfg_fake, help="the pseudo-score's guidance scale")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="a UNet2DConditionModel folder the generator starts from, of the pipeline UNet's architecture "
+        "(SFD: a one-step SiD generator); default: the pipeline's UNet",
+    )
     p.add_argument("--init-timestep", type=int, default=d.t_init, help="the one-step generator's time step")
     p.add_argument("--t-min", type=int, default=d.t_min, help="lowest diffusion time of the losses")
     p.add_argument("--t-max", type=int, default=d.t_max, help="highest diffusion time of the losses")

@@ -316,6 +316,39 @@ def test_gradient_checkpointing_gives_the_same_generator_gradient(sd_pipeline):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+def test_generator_starts_from_the_init_folder_and_the_pseudo_score_from_the_teacher(sd_pipeline, tmp_path):
+    start = UNet2DConditionModel.from_pretrained(sd_pipeline / "unet")
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.01)
+    start.save_pretrained(tmp_path / "one-step")
+    d = _distiller(sd_pipeline, init=str(tmp_path / "one-step"))
+    want = start.state_dict()
+    for net in (d.generator.net.unet, d.eval_generator.net.unet):
+        assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+    teacher = d.teacher.unet.state_dict()
+    assert all(torch.equal(v, teacher[k]) for k, v in d.pseudo.unet.state_dict().items())
+    assert not torch.equal(next(d.generator.net.parameters()), next(d.pseudo.parameters()))
+
+
+def test_an_init_folder_of_another_architecture_is_refused(sd_pipeline, tmp_path):
+    other = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="does not have the pipeline UNet's architecture"):
+        _distiller(sd_pipeline, init=str(tmp_path / "other"))
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_steps_under_autocast_and_keep_fp32_master_weights(sd_pipeline, precision):
     d = _distiller(sd_pipeline, precision=precision, refresh_every=1, lr_generator=1e-3, ratio=0.25)
@@ -345,6 +378,7 @@ def test_mixed_precision_steps_under_autocast_and_keep_fp32_master_weights(sd_pi
         (["--cfg", "0.5"], "--cfg must be >= 1"),
         (["--init-timestep", "1000"], "--init-timestep"),
         (["--eval-prompts", "missing.json"], "--eval-prompts missing.json"),
+        (["--init", "missing-folder"], "--init missing-folder: not a UNet2DConditionModel folder"),
     ],
 )
 def test_bad_options_are_refused_before_any_output(sd_pipeline, tmp_path, monkeypatch, extra, message):
