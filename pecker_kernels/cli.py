@@ -14,7 +14,7 @@ import shlex
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -312,49 +312,41 @@ class RunStatus:
         return kind is not None and issubclass(kind, Interrupted)
 
 
-def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: bool, stop: _StopFlag) -> dict:
-    """One method's run in ``part`` (None: a non-lead rank, which writes nothing): from its checkpoint
-    when there is one; checkpoints every ``checkpoint_every`` steps and when a signal arrives."""
+def train_resumably(
+    d, folder: Path | None, config, stop: _StopFlag, postfix: Callable[..., dict], show: bool, **bar_options
+) -> None:
+    """Restores distiller ``d`` from ``folder``'s checkpoint or sets it up, then trains it under a progress
+    bar (``postfix(*logs)`` of each step's logs): a checkpoint every ``config.checkpoint_every`` steps and
+    at the end, and when a signal arrives (during set-up too) a checkpoint, then ``Interrupted``.
+    ``folder`` None: no checkpoints. Shared by class and concept runs."""
     from tqdm import tqdm
 
     from .unlearn import runs
-    from .unlearn.trainer import Distiller
 
-    d = Distiller(config, ctx)
-    checkpoints_on = part is not None and not config.distributed
-    resumed = runs.restore_or_set_up(part if checkpoints_on else None, d, config)
+    resumed = runs.restore_or_set_up(folder, d, config)
     saved_at = d.step if resumed else None
 
     def save() -> None:
         nonlocal saved_at
-        if checkpoints_on and saved_at != d.step:
-            runs.save_checkpoint(part, d)
+        if folder is not None and saved_at != d.step:
+            runs.save_checkpoint(folder, d)
             saved_at = d.step
 
-    def after_step(d: Distiller) -> None:
+    def after_step(d) -> None:
         every = config.checkpoint_every
         if every and d.step % every == 0:
             save()
         if stop.signum is not None:
-            if not checkpoints_on:
-                raise Interrupted(stop.signum, d.step)
             save()
             raise Interrupted(stop.signum, d.step)
 
     if stop.signum is not None:  # arrived during set-up
         after_step(d)
-    bar = tqdm(
-        total=config.steps, initial=d.step, desc=config.method, disable=not progress, dynamic_ncols=True
-    )
+    bar = tqdm(total=config.steps, initial=d.step, desc=config.method, disable=not show, **bar_options)
 
-    def on_step(step: int, logs: dict[str, float]) -> None:
+    def on_step(step: int, *logs) -> None:
         bar.update(1)
-        bar.set_postfix(
-            loss_p=f"{logs['loss_p']:.3f}",
-            loss_g=f"{logs['loss_g']:.3f}",
-            forget_acc=f"{logs['forget_acc']:.2f}",
-            refresh=False,
-        )
+        bar.set_postfix(**postfix(*logs), refresh=False)
 
     try:
         d.train(on_step, after_step)
@@ -362,6 +354,25 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
         bar.close()
     if config.checkpoint_every:
         save()  # the finished state: a failure while writing the results can be resumed from here
+
+
+def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: bool, stop: _StopFlag) -> dict:
+    """One method's run in ``part`` (None: a non-lead rank, which writes nothing): from its checkpoint
+    when there is one; checkpoints every ``checkpoint_every`` steps and when a signal arrives."""
+    from .unlearn import runs
+    from .unlearn.trainer import Distiller
+
+    d = Distiller(config, ctx)
+    checkpoints_on = part is not None and not config.distributed
+
+    def postfix(logs: dict[str, float]) -> dict:
+        return dict(
+            loss_p=f"{logs['loss_p']:.3f}",
+            loss_g=f"{logs['loss_g']:.3f}",
+            forget_acc=f"{logs['forget_acc']:.2f}",
+        )
+
+    train_resumably(d, part if checkpoints_on else None, config, stop, postfix, progress, dynamic_ncols=True)
     result = d.finish()
     if part is not None:
         runs.write_run(part, result, ctx, teacher, d)

@@ -653,9 +653,7 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
 def _run(args, argv, config: ConceptConfig, info, out: Path, recorded: dict | None, lead: bool = True) -> int:
     """The run itself, once every option is checked; a non-lead rank (``lead`` False) trains its part
     and writes nothing."""
-    from tqdm import tqdm
-
-    from ..cli import Interrupted, RunStatus, _StopFlag
+    from ..cli import RunStatus, _StopFlag, train_resumably
     from . import runs
     from .trainer import check_backend
 
@@ -682,36 +680,11 @@ def _run(args, argv, config: ConceptConfig, info, out: Path, recorded: dict | No
         }
         with RunStatus(out, record) as status:
             d = ConceptDistiller(config, pipe, classifier)
-            resumed = runs.restore_or_set_up(out if checkpoints_on else None, d, config)
-            saved_at = d.step if resumed else None
 
-            def save() -> None:
-                nonlocal saved_at
-                if checkpoints_on and saved_at != d.step:
-                    runs.save_checkpoint(out, d)
-                    saved_at = d.step
+            def postfix(lp: float, lg: float) -> dict:
+                return dict(loss_p=f"{lp:.3f}", loss_g=f"{lg:.3f}")
 
-            def after_step(d: ConceptDistiller) -> None:
-                if config.checkpoint_every and d.step % config.checkpoint_every == 0:
-                    save()
-                if stop.signum is not None:
-                    save()
-                    raise Interrupted(stop.signum, d.step)
-
-            if stop.signum is not None:
-                after_step(d)
-            bar = tqdm(total=config.steps, initial=d.step, desc=config.method, disable=args.no_progress)
-
-            def on_step(step: int, lp: float, lg: float) -> None:
-                bar.update(1)
-                bar.set_postfix(loss_p=f"{lp:.3f}", loss_g=f"{lg:.3f}", refresh=False)
-
-            try:
-                d.train(on_step, after_step)
-            finally:
-                bar.close()
-            if config.checkpoint_every:
-                save()
+            train_resumably(d, out if checkpoints_on else None, config, stop, postfix, not args.no_progress)
             result = d.finish()
             write_results(out, result, d)
             runs.remove_checkpoint(out)
