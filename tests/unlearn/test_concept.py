@@ -332,18 +332,8 @@ def test_generator_starts_from_the_init_folder_and_the_pseudo_score_from_the_tea
 
 
 def test_an_init_folder_of_another_architecture_is_refused(sd_pipeline, tmp_path):
-    other = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    config = UNet2DConditionModel.load_config(sd_pipeline / "unet")
+    other = UNet2DConditionModel.from_config({**config, "block_out_channels": (8, 8)})
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="does not have the pipeline UNet's architecture"):
         _distiller(sd_pipeline, init=str(tmp_path / "other"))
