@@ -379,9 +379,12 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
     return result
 
 
-def _init_distributed(backend: str = "gloo") -> int:
-    """Join the torchrun job (gloo: the class recipe trains on the CPU; a concept run on CUDA asks for
-    nccl); returns this process's rank."""
+def run_distributed(job: Callable[[bool], int], backend: str = "gloo") -> int:
+    """``job(lead)`` on this process of a torchrun job (gloo: the class recipe trains on the CPU; a concept
+    run on CUDA asks for nccl); ``lead`` is rank 0, the one that writes. A rank whose job finished waits
+    for the others before the process group is torn down: a rank leaving while its peers still evaluate
+    and write made gloo's teardown abort now and then. A job that stopped (a signal, an error) leaves at
+    once."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -391,7 +394,13 @@ def _init_distributed(backend: str = "gloo") -> int:
         )
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return dist.get_rank()
+    try:
+        code = job(dist.get_rank() == 0)
+        if code == 0:
+            dist.barrier()
+        return code
+    finally:
+        dist.destroy_process_group()
 
 
 _RECORDED = (
@@ -479,13 +488,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         return _unlearn(args, lead=True)
     if args.resume is not None:
         raise ValueError("--distributed runs keep no checkpoints: they cannot be resumed")
-    rank = _init_distributed()
-    try:
-        return _unlearn(args, lead=rank == 0)
-    finally:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    return run_distributed(lambda lead: _unlearn(args, lead))
 
 
 def _unlearn(args: argparse.Namespace, lead: bool) -> int:

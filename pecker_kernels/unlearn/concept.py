@@ -603,7 +603,7 @@ def write_results(out: Path, result: dict[str, Any], d: ConceptDistiller) -> Non
 def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
     """``unlearn`` on a text-conditioned pipeline: a new run in ``--out`` or ``--resume OUT``; under
     torchrun with ``--distributed``, every rank trains and only rank 0 writes."""
-    from ..cli import _init_distributed, _threads
+    from ..cli import _threads, run_distributed
     from . import runs
 
     recorded = None
@@ -643,11 +643,8 @@ def run_concept(args: argparse.Namespace, argv: list[str], make_config) -> int:
     device = run_device(config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rank = _init_distributed("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _run(args, argv, config, info, out, None, lead=rank == 0)
-    finally:
-        torch.distributed.destroy_process_group()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return run_distributed(lambda lead: _run(args, argv, config, info, out, None, lead=lead), backend)
 
 
 def _run(args, argv, config: ConceptConfig, info, out: Path, recorded: dict | None, lead: bool = True) -> int:

@@ -9,6 +9,8 @@ import pytest
 
 from pecker_kernels.cli import main
 
+from .torchrun import torchrun
+
 TINY = [
     "--steps", "3", "--batch", "16", "--forget-batch", "8", "--eval-every", "2", "--eval-samples", "16",
     "--final-samples", "6", "--mask-batches", "1", "--teacher-ddim-steps", "2", "--no-progress",
@@ -68,9 +70,8 @@ def test_module_entry_point_single_run_with_refresh(tmp_path):
 
 def test_distributed_run_under_torchrun_masks_one_global_fraction(tmp_path):
     out = tmp_path / "two-ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pecker_kernels"]
-    cmd += ["unlearn", "--distributed", "--ratio", "0.3", "--refresh-every", "2"]
-    proc = subprocess.run([*cmd, *TINY, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    argv = ["unlearn", "--distributed", "--ratio", "0.3", "--refresh-every", "2", *TINY, "--out", str(out)]
+    proc = torchrun(2, argv, timeout=300)
     assert proc.returncode == 0, proc.stderr
     metrics = check_run(out, "pecker")
     assert metrics["world_size"] == 2 and metrics["config"]["distributed"]

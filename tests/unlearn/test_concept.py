@@ -8,8 +8,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ from pecker_kernels.cli import main
 from pecker_kernels.unlearn.concept import ConceptConfig, ConceptDistiller
 from pecker_kernels.unlearn.concept_cli import unlearn_parser
 from pecker_kernels.unlearn.text import clip_tokenizer, load_pipeline
+
+from .torchrun import torchrun
 
 WORDS = ("a", "photo", "of", "cat", "dog", "tree", "house", "painting")
 
@@ -220,22 +220,7 @@ def test_unlearn_help_lists_the_options_of_both_modes(sd_pipeline, capsys):
 
 
 def _torchrun(nproc, argv, out):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "pecker_kernels",
-    ]
-    proc = subprocess.run(
-        [*cmd, *argv, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = torchrun(nproc, [*argv, "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

@@ -4,22 +4,17 @@ picks the mask; the run's other options and outputs are those of test_cli's dist
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 from diffusers import UNet2DModel
 
 from .test_diffusers_models import FAST, generator_weights
+from .torchrun import torchrun
 
 
 def test_one_shot_mask_over_two_ranks_moves_exactly_one_global_fraction(rgb_model, tmp_path):
     out = tmp_path / "two-ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "pecker_kernels", "unlearn", "--model", str(rgb_model), *FAST, "--mask-batches", "2"]
-    cmd += ["--distributed", "--ratio", "0.3", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    argv = ["unlearn", "--model", str(rgb_model), *FAST, "--mask-batches", "2"]
+    proc = torchrun(2, [*argv, "--distributed", "--ratio", "0.3", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["config"]["refresh_every"] == 0
