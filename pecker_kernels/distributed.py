@@ -63,6 +63,8 @@ def is_dtensor(t: Any) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """This rank's part of ``t``: a DTensor's local shard (sharing its storage), else ``t`` itself."""
+    if type(t) in _PLAIN:  # asked several times per tensor every step: the common case without a call
+        return t
     return t.to_local() if is_dtensor(t) else t
 
 

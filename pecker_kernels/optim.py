@@ -75,7 +75,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import dispatch, distributed
-from .backends import eager
+from .backends import cpu, eager
 from .backends.base import (
     PARAM_DTYPES,
     SCORES,
@@ -108,6 +108,7 @@ _SCOPE_KEYS = (
 )  # what groups sharing a global scope must agree on
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+_EMA_DTYPES = (torch.float32,)
 
 
 @dataclass
@@ -417,18 +418,19 @@ class _SalientOptimizer(Optimizer):
             check_kernel_state(where, "ema", _local(state["ema"]), shard, (torch.float32,))
         if "mask" in state:
             check_packed_mask(where, state["mask"], shard)
-        raise TypeError(f"{where}: state['step'] must be a one-element tensor on {shard.device}")
+        raise TypeError(f"{where}: state['step'] must be a one-element float32 tensor on {shard.device}")
 
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> tuple[dict[str, Any], bool]:
-        """The parameter's state with every piece this step needs; True when the momentum buffer (SGD)
-        was allocated just now, so that it starts at the gradient."""
+    def _init_state(
+        self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, keys: tuple[str | None, str | None]
+    ) -> tuple[dict[str, Any], bool]:
+        """The parameter's state with every piece this step needs (moments under ``keys``, of ``dtype``);
+        True when the momentum buffer (SGD) was allocated just now, so that it starts at the gradient."""
         state = self.state[p]
-        dtype = _state_dtype(group)
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
         state.setdefault("selection_step", 0)
         fresh = False
-        for key in self._state_keys(group):
+        for key in keys:
             if key is None:
                 continue
             if key not in state:
@@ -446,7 +448,8 @@ class _SalientOptimizer(Optimizer):
         groups, comm, impl, device = plan.groups, plan.comm, plan.impl, plan.device
         params, grads, active = plan.params, plan.grads, plan.active
         lead = groups[0]
-        initialised = [self._init_state(g, p) for g, p in active]
+        layout = {id(g): (_state_dtype(g), self._state_keys(g)) for g in groups}  # per group, not per tensor
+        initialised = [self._init_state(g, p, *layout[id(g)]) for g, p in active]
         states = [s for s, _ in initialised]
         for state in states:
             state["selection_step"] += 1
@@ -524,8 +527,7 @@ class _SalientOptimizer(Optimizer):
                 scalars = self._device_scalars(group, steps, grad_scale, skipped, device, fresh)
                 config = replace(config, scalars=scalars)
             else:
-                for step in steps:
-                    step += 1
+                _count_steps(steps)
                 config = self._config(group, int(steps[0]), momentum_init=fresh or int(steps[0]) == 1)
             first, second = self._state_keys(group)
             sub = TensorGroup(
@@ -923,6 +925,7 @@ def _where(group: dict[str, Any], index: int, position: int) -> str:
 
 
 def _fits(t: Any, shape: torch.Size, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    t = _local(t)
     return (
         isinstance(t, Tensor)
         and t.dtype in dtypes
@@ -933,16 +936,17 @@ def _fits(t: Any, shape: torch.Size, device: torch.device, dtypes: tuple[torch.d
 
 
 def _state_fits(state: Mapping[str, Any], shard: Tensor, moments, ema: bool) -> bool:
-    """Whether a parameter's state is exactly what the kernels read (the fast test of every step)."""
+    """Whether a parameter's state is exactly what the kernels read (the fast test of every step, so
+    it reads each attribute once and builds nothing)."""
     shape, device = shard.shape, shard.device
+    get = state.get
     for key in moments:
-        t = state.get(key)
-        if t is not None and not _fits(_local(t), shape, device, STATE_DTYPES):
+        t = get(key)
+        if t is not None and not _fits(t, shape, device, STATE_DTYPES):
             return False
-    e = state.get("ema") if ema else None
-    if e is not None and not _fits(_local(e), shape, device, (torch.float32,)):
+    if ema and (e := get("ema")) is not None and not _fits(e, shape, device, _EMA_DTYPES):
         return False
-    mask = state.get("mask")
+    mask = get("mask")
     if mask is not None and not (
         isinstance(mask, Tensor)
         and mask.dtype == torch.int32
@@ -951,8 +955,20 @@ def _state_fits(state: Mapping[str, Any], shard: Tensor, moments, ema: bool) -> 
         and mask.is_contiguous()
     ):
         return False
-    step = state.get("step")
-    return step is None or (isinstance(step, Tensor) and step.numel() == 1 and step.device == device)
+    step = get("step")  # written through its data pointer on the CPU: a plain float32 scalar
+    return step is None or (
+        type(step) is Tensor and step.dtype == torch.float32 and step.numel() == 1 and step.device == device
+    )
+
+
+def _count_steps(steps: list[Tensor]) -> None:
+    """Advances the step counters of a host step (float32 one-element CPU tensors, as ``_state_fits``
+    checked). An in-place add costs a dispatch of microseconds a parameter; the C++ loop, nanoseconds."""
+    if cpu.cpu_module is not None:
+        cpu.count_steps(steps)
+    else:
+        for step in steps:
+            step += 1
 
 
 def _check_grad(where: str, p: Tensor, owner: str) -> None:

@@ -100,6 +100,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
         py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("masks_out"),
         py::arg("threads"));
+  m.def("count_steps", &pecker::cpu::count_steps,
+        "Adds one to each float32 step counter (data pointers of one-element tensors).", py::arg("steps"));
   m.def("update", &update_op, nogil,
         "Fused masked optimizer step over many tensors (selection by threshold/take/ties or mask_in).",
         py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("e"), py::arg("numel"), py::arg("dtype"),

@@ -239,6 +239,45 @@ def test_a_hyper_parameter_changed_at_run_time_is_refused_before_any_group_steps
     assert all(int(s["step"]) == 1 for s in opt.state.values())
 
 
+@pytest.mark.parametrize(
+    "step",
+    [torch.tensor(1), torch.tensor(1.0, dtype=torch.float64), torch.ones(2), torch.tensor(1.0, device="meta")],
+    ids=["int64", "float64", "two elements", "meta"],
+)
+def test_a_step_counter_the_kernel_cannot_add_to_is_refused_before_anything_is_written(step):
+    # A host step adds one to every counter through its data pointer: only a float32 scalar on the
+    # parameter's device takes that write.
+    model = torch.nn.Linear(3, 3)
+    opt = pk.SalientAdam(model.parameters(), backend="cpu")
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    opt.state[model.bias]["step"] = step
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(TypeError, match="one-element float32 tensor on cpu"):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
+    assert int(opt.state[model.weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_step_counters_advance_with_and_without_the_compiled_module(backend, monkeypatch):
+    from pecker_kernels.backends import cpu
+
+    if backend == "eager":  # a build without _C still counts, one in-place add per parameter
+        monkeypatch.setattr(cpu, "cpu_module", None)
+    model = torch.nn.Linear(3, 3)
+    opt = pk.SalientAdam(model.parameters(), backend=backend, ratio=1.0)
+    (twin,), torch_opt = torch_twin([model.weight])
+    for _ in range(3):
+        model.weight.grad = torch.randn(3, 3)
+        model.bias.grad = torch.randn(3)
+        twin.grad = model.weight.grad.clone()
+        opt.step()
+        torch_opt.step()
+    assert [float(s["step"]) for s in opt.state.values()] == [3.0, 3.0]
+    torch.testing.assert_close(model.weight.detach(), twin.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_a_rejected_add_param_group_does_not_stay_and_later_steps_work():
     model = torch.nn.Linear(3, 3)
     opt = pk.SalientAdam(model.parameters())

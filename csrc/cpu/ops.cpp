@@ -719,5 +719,9 @@ void update(const UpdateTensors& t, const StepParams& sp, int score, const std::
   }
 }
 
+void count_steps(const std::vector<int64_t>& steps) {
+  for (int64_t address : steps) *as_ptr<float>(address) += 1.0f;
+}
+
 }  // namespace cpu
 }  // namespace pecker

@@ -190,6 +190,11 @@ def _apply_scalars(sp, scalars: Tensor) -> bool:
     return True
 
 
+def count_steps(steps: Sequence[Tensor]) -> None:
+    """``step += 1`` for every float32 one-element CPU tensor of ``steps``, in one call."""
+    cpu_module.count_steps(_ptrs(steps))
+
+
 def update(
     group: TensorGroup,
     config: StepConfig,
