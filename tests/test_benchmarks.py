@@ -26,3 +26,15 @@ def test_step_benchmark_writes_rows_tables_and_plots(tmp_path, capsys):
     assert (tmp_path / "results.md").read_text().count("| ") > len(rows)
     assert (tmp_path / "time_per_parameter_fp32.png").read_bytes()[:4] == b"\x89PNG"
     assert "Summary" in capsys.readouterr().out
+
+
+def test_ab_step_times_each_build_in_its_own_process_against_fused_adamw(capsys):
+    from benchmarks import ab_step
+
+    rows = ab_step.main(
+        ["--builds", ".", ".", "--configs", "flat", "--size", "2e4", "--rounds", "1", "--reps", "2"]
+    )
+    assert [r["build"] for r in rows] == [str(ab_step.HERE)] * 2
+    assert all(r["fused_ms"] > 0 and all(r[n] > 0 for n in ab_step.NAMES) for r in rows)
+    table = capsys.readouterr().out
+    assert table.count("| flat |") == 2 and "x fused, reselect" in table

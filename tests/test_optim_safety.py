@@ -241,7 +241,12 @@ def test_a_hyper_parameter_changed_at_run_time_is_refused_before_any_group_steps
 
 @pytest.mark.parametrize(
     "step",
-    [torch.tensor(1), torch.tensor(1.0, dtype=torch.float64), torch.ones(2), torch.tensor(1.0, device="meta")],
+    [
+        torch.tensor(1),
+        torch.tensor(1.0, dtype=torch.float64),
+        torch.ones(2),
+        torch.tensor(1.0, device="meta"),
+    ],
     ids=["int64", "float64", "two elements", "meta"],
 )
 def test_a_step_counter_the_kernel_cannot_add_to_is_refused_before_anything_is_written(step):

@@ -1,0 +1,106 @@
+"""Two builds of the package compared on one machine: our step against torch's fused AdamW in each,
+in alternating processes, so that a change is judged against the machine's minute-to-minute bandwidth
+rather than against numbers from another day.
+
+    python -m benchmarks.ab_step --builds ../old-checkout . --configs unet flat ddpm-cifar10 --rounds 2
+
+A build is a checkout with its compiled modules in place (``python setup.py build_ext --inplace``).
+Every process imports ``pecker_kernels`` from its build and the contenders (``benchmarks.contenders``)
+from this checkout, so both builds run the same benchmark. Each prints one row: fused AdamW's median
+step and the ratios to it of ours with a stored mask, reselecting every step, and reselecting with
+beta1 = 0 (fp32, ratio 0.5, interleaved calls; the median of ``--reps`` each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]  # the checkout whose contenders every build runs
+NAMES = ("stored", "reselect", "beta1=0")
+
+
+def measure(build: Path, config: str, size: int, reps: int) -> dict:
+    """One process's row (runs in the child: ``pecker_kernels`` from ``build``)."""
+    sys.path.insert(0, str(build))
+    import pecker_kernels
+
+    if not Path(pecker_kernels.__file__).resolve().is_relative_to(build):
+        raise RuntimeError(f"pecker_kernels came from {pecker_kernels.__file__}, not from {build}")
+    sys.path.insert(0, str(HERE))
+    from benchmarks import contenders as c
+    from benchmarks import layouts
+
+    shapes = ((size,),) if config == "flat" else tuple(layouts.MODELS[config]())
+    cfg = c.Config(config, shapes, "fp32", 0.5, "cpu")
+    problem = c.make_problem(cfg)
+    steps = [
+        c.torch_adamw(cfg, problem, "fused").step,
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=True).step,
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=False).step,
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=False, beta1=0.0).step,
+    ]
+    for step in steps:
+        for _ in range(3):
+            step()
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(reps):
+        for step, times in zip(steps, samples, strict=True):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    fused, *ours = (statistics.median(t) for t in samples)
+    return {"fused_ms": fused * 1e3, **{n: t / fused for n, t in zip(NAMES, ours, strict=True)}}
+
+
+def run_child(build: Path, config: str, size: int, reps: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(build), "--configs", config]
+    cmd += ["--size", str(size), "--reps", str(reps)]
+    env = {**os.environ, "PYTHONPATH": str(build)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=build, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"the run of {build} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--builds", nargs="+", type=Path, default=[HERE], help="checkouts to compare")
+    p.add_argument("--configs", nargs="+", default=["flat"], help="flat, unet, ddpm-cifar10")
+    p.add_argument("--size", type=float, default=1e7, help="elements of the flat configuration")
+    p.add_argument("--rounds", type=int, default=2, help="processes per build and configuration")
+    p.add_argument("--reps", type=int, default=12, help="timed calls per contender and process")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(measure(args.child.resolve(), args.configs[0], int(args.size), args.reps)))
+        return []
+    builds = [b.resolve() for b in args.builds]
+    rows = []
+    print(
+        "| configuration | build | round | fused AdamW ms | "
+        + " | ".join(f"x fused, {n}" for n in NAMES)
+        + " |"
+    )
+    print("|---|---|---:|---:|" + "---:|" * len(NAMES))
+    for config in args.configs:
+        for round_ in range(1, args.rounds + 1):
+            for build in builds:  # alternating: each round runs every build once, in turn
+                row = {"config": config, "build": str(build), "round": round_}
+                row |= run_child(build, config, int(args.size), args.reps)
+                rows.append(row)
+                ratios = " | ".join(f"{row[n]:.2f}" for n in NAMES)
+                print(
+                    f"| {config} | {build.name} | {round_} | {row['fused_ms']:.2f} | {ratios} |", flush=True
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
