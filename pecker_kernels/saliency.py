@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .distributed import is_dtensor, like, local, resolve_group
 from .validation import as_float
 
 
@@ -29,6 +30,10 @@ class SaliencyAccumulator:
     A batch with any non-finite gradient element is left out of the sums (on the device, no sync) and
     counted in ``skipped_batches``, so one overflow cannot turn every sum into NaN.
 
+    Sharded parameters (FSDP2's DTensors) are summed shard by shard on each rank; the clipping norm and
+    the non-finite test are over every rank's shards (one all-reduce a batch, so every rank accumulates
+    the same batches), and ``gradients()`` returns DTensors laid out as the parameters.
+
         accumulator = SaliencyAccumulator(generator.parameters(), clip_norm=1.0)
         for batch in forget_loader:
             generator.zero_grad(); forget_loss(batch).backward(); accumulator.accumulate()
@@ -45,10 +50,11 @@ class SaliencyAccumulator:
         if clip_norm is not None and not as_float("clip_norm", clip_norm) > 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
-        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self._group = resolve_group(self.params)  # the shards' process group; None for plain tensors
+        self.sums = [torch.zeros_like(local(p), dtype=torch.float32) for p in self.params]  # this rank's
         self.batches = 0
         # Batches left out for non-finite gradients: a device count, read only by skipped_batches.
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self.params[0].device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.sums[0].device)
 
     @torch.no_grad()
     def accumulate(self, grads: Sequence[Tensor | None] | None = None) -> None:
@@ -68,15 +74,25 @@ class SaliencyAccumulator:
                 )
             if g.device != p.device:
                 raise ValueError(f"gradient {i} is on {g.device}; its parameter is on {p.device}")
-        present = [(s, g.float()) for s, g in zip(self.sums, grads, strict=True) if g is not None]
-        if not present:
+            if is_dtensor(g) != is_dtensor(p) or local(g).shape != local(p).shape:
+                raise ValueError(
+                    f"gradient {i} must be sharded as its parameter is (a DTensor of its layout)"
+                )
+        present = [(s, local(g).float()) for s, g in zip(self.sums, grads, strict=True) if g is not None]
+        if self._group is None and not present:
             return
-        home = present[0][1].device
+        home = self.sums[0].device
         # The batch's global norm is finite exactly when every element is (a norm that overflows fp32
-        # leaves the batch out too): one flag, on the device.
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g).to(home) for _, g in present])
-        )
+        # leaves the batch out too): one flag, on the device. Shards: the norm over every rank's.
+        norms = [torch.linalg.vector_norm(g).to(home) for _, g in present]
+        if self._group is None:
+            norm = torch.linalg.vector_norm(torch.stack(norms))
+        else:  # every rank joins, with or without gradients of its own
+            square = (
+                torch.linalg.vector_norm(torch.stack(norms)) ** 2 if norms else torch.zeros((), device=home)
+            )
+            torch.distributed.all_reduce(square, group=self._group)
+            norm = square.sqrt()
         finite = torch.isfinite(norm)
         scale = None if self.clip_norm is None else torch.clamp(self.clip_norm / (norm + 1e-6), max=1.0)
         for total, g in present:
@@ -91,5 +107,6 @@ class SaliencyAccumulator:
         return int(self._skipped)
 
     def gradients(self) -> ParamGradients:
-        """The summed gradients, shaped like the parameters (fp32), as a list that knows its parameters."""
-        return ParamGradients(self.sums, self.params)
+        """The summed gradients, shaped like the parameters (fp32; DTensors for sharded parameters), as a
+        list that knows its parameters."""
+        return ParamGradients([like(s, p) for s, p in zip(self.sums, self.params, strict=True)], self.params)

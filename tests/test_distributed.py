@@ -247,6 +247,44 @@ def _check_fsdp2_training(scope: str) -> None:
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
+def _check_fsdp2_saliency_sums() -> None:
+    """SaliencyAccumulator over FSDP2's DTensors: one process's sums and mask, clipped by the norm over
+    every rank's shards; a NaN in one rank's shard leaves the batch out on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from pecker_kernels.distributed import is_dtensor, local
+
+    model, reference = _mlp(), _mlp()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    acc = pk.SaliencyAccumulator(model.parameters(), clip_norm=0.5)
+    ref = pk.SaliencyAccumulator(reference.parameters(), clip_norm=0.5)
+    gen = torch.Generator().manual_seed(2)
+    for batch in range(3):
+        x = torch.randn(16, 6, generator=gen)  # the same batch on every rank: FSDP's mean gradient is it
+        for net in (model, reference):
+            net.zero_grad()
+            net(x).square().mean().backward()
+        if batch == 1:
+            reference[0].weight.grad[0, 0] = float("nan")
+            if dist.get_rank() == 0:  # rank 0 holds row 0 of the first weight; the others see no NaN
+                local(model[0].weight.grad)[0, 0] = float("nan")
+        acc.accumulate()
+        ref.accumulate()
+    assert acc.skipped_batches == ref.skipped_batches == 1
+    sums = acc.gradients()
+    assert all(is_dtensor(s) for s in sums)
+    for s, r in zip(sums, ref.gradients(), strict=True):
+        torch.testing.assert_close(s.full_tensor(), r, rtol=1e-6, atol=1e-7)
+    opt = pk.SalientAdamW(model.parameters(), ratio=0.3)
+    want = pk.SalientAdamW(reference.parameters(), ratio=0.3, backend="eager")
+    opt.compute_mask(sums)
+    want.compute_mask(ref.gradients())
+    for mask, ref_mask in zip(opt.masks(), want.masks(), strict=True):
+        assert torch.equal(mask.full_tensor(), ref_mask)
+
+
 def _check_ddp_masks_agree() -> None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -304,6 +342,7 @@ def three_ranks() -> Ranks:
             ("fsdp2_per_tensor", _check_fsdp2_training, "per_tensor"),
             ("fsdp2_global", _check_fsdp2_training, "global"),
             ("ddp", _check_ddp_masks_agree),
+            ("fsdp2_saliency", _check_fsdp2_saliency_sums),
             ("bad_input", _check_bad_input),
         ],
     )
@@ -331,6 +370,10 @@ def test_fsdp2_global_training_matches_one_process(three_ranks):
 
 def test_bad_distributed_input_raises_on_every_rank(three_ranks):
     three_ranks.check("bad_input")
+
+
+def test_saliency_sums_of_fsdp2_shards_equal_one_process_and_skip_a_nan_on_every_rank(three_ranks):
+    three_ranks.check("fsdp2_saliency")
 
 
 def test_ddp_ranks_select_identical_masks_without_communication(three_ranks):

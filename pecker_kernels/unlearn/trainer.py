@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import is_dtensor, like, local
+from ..distributed import is_dtensor
 from ..optim import SalientAdam
-from ..saliency import ParamGradients, SaliencyAccumulator
+from ..saliency import SaliencyAccumulator
 from . import checkpoints
 from .data import LOADERS, Dataset, load_dataset
 from .diffusion import OneStepGenerator, Schedule
@@ -426,12 +426,7 @@ class DistillerParts:
     def one_shot_mask(self) -> None:
         """SalUn: |sum over forget batches of the (norm-1 clipped) forgetting-loss gradient|, top ratio.
         Sharded (--distributed): each rank sums its shards, clipped by the norm over every rank's."""
-        params = self.gen_params
-        sharded = any(is_dtensor(p) for p in params)
-        if sharded:
-            acc = SaliencyAccumulator([local(p) for p in params])  # this rank's shards, clipped below
-        else:
-            acc = SaliencyAccumulator(params, clip_norm=1.0)
+        acc = SaliencyAccumulator(self.gen_params, clip_norm=1.0)  # shards: clipped by every rank's norm
         # Its own random stream: pecker and sfd then train on the very same noise, labels and times.
         stream = self.cfg.seed + 3 + 7919 * self.rank
         train_stream, self.gen = self.gen, torch.Generator().manual_seed(stream)
@@ -439,13 +434,10 @@ class DistillerParts:
         for _ in range(self.cfg.mask_batches):
             self.opt_g.zero_grad(set_to_none=True)
             self.forget_loss().backward()
-            acc.accumulate(_clipped_shards(params) if sharded else None)
+            acc.accumulate()
         self.pseudo.requires_grad_(True)
         self.gen = train_stream
-        sums = acc.gradients()
-        if sharded:  # the sums laid out as the parameters: one global selection over every rank's shards
-            sums = ParamGradients([like(s, p) for s, p in zip(sums, params, strict=True)], params)
-        self.opt_g.compute_mask(sums)
+        self.opt_g.compute_mask(acc.gradients())  # sharded: one global selection over every rank's sums
         self.opt_g.zero_grad(set_to_none=True)
 
     def set_up_mask(self) -> float:
@@ -821,22 +813,6 @@ class Distiller(DistillerParts):
         self.steps_to_forget = progress["steps_to_forget"]
         self.time_to_forget = progress["time_to_forget"]
         self.last_forget_accuracy = progress["last_forget_accuracy"]
-
-
-def _clipped_shards(params: list[Tensor]) -> list[Tensor | None]:
-    """This rank's part of each gradient, scaled down to a norm of at most 1 over every rank's shards
-    (``SaliencyAccumulator``'s clip_norm=1.0, whose norm would be this rank's alone). A non-finite
-    gradient anywhere makes every rank's part non-finite, so every rank leaves the batch out."""
-    from ..distributed import resolve_group
-
-    grads = [None if p.grad is None else local(p.grad).float() for p in params]
-    present = [g for g in grads if g is not None]
-    home = present[0].device if present else params[0].device
-    norms = [torch.linalg.vector_norm(g).to(home) for g in present]
-    square = torch.linalg.vector_norm(torch.stack(norms)) ** 2 if norms else torch.zeros((), device=home)
-    torch.distributed.all_reduce(square, group=resolve_group(params))
-    scale = torch.clamp(1.0 / (square.sqrt() + 1e-6), max=1.0)
-    return [None if g is None else g * scale.to(g.device) for g in grads]
 
 
 def _full(t: Tensor) -> Tensor:
