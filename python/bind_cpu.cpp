@@ -77,8 +77,8 @@ PYBIND11_MODULE(_C, m) {
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("kernel_isa", &pecker::cpu::kernels_isa,
-        "The instruction set of the range kernels this process runs: \"avx2\" or \"baseline\" "
-        "(PECKER_CPU_ISA=baseline forces the portable ones).");
+        "The instruction set of the range kernels this process runs: \"avx512\", \"avx2\" or \"baseline\" "
+        "(PECKER_CPU_ISA=avx2 or =baseline asks for a lesser one).");
   m.def("select", &select_op, nogil,
         "Exact per-segment top-k threshold: writes threshold (float32), take and ties (int64) per segment.",
         py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),

@@ -1,6 +1,7 @@
-"""The CPU backend's other code paths -- the portable (non-AVX2) kernels and the exact radix select
-that backs up the sampled bracket -- against the oracle: the CPU parity tests rerun in a child process
-with the switch that forces each path (the switches are read once per process)."""
+"""The CPU backend's other code paths -- the portable kernels, the AVX2 ones where the CPU runs AVX-512,
+and the exact radix select that backs up the sampled bracket -- against the oracle: the CPU parity tests
+rerun in a child process with the switch that forces each path (the switches are read once per
+process); and every vector copy's update bit for bit against the portable one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "switch", [{"PECKER_CPU_ISA": "baseline"}, {"PECKER_CPU_SELECT": "radix"}], ids=["portable", "radix"]
+    "switch",
+    [{"PECKER_CPU_ISA": "baseline"}, {"PECKER_CPU_ISA": "avx2"}, {"PECKER_CPU_SELECT": "radix"}],
+    ids=["portable", "avx2", "radix"],
 )
 def test_cpu_parity_holds_on_the_forced_path(switch):
     env = {**os.environ, **switch}
@@ -75,21 +78,36 @@ def updated_bits() -> dict[str, torch.Tensor]:
     return out
 
 
-def test_avx2_lanes_round_like_the_portable_loop(tmp_path):
-    """The AVX2 update runs eight lanes per instruction and compiles the common options away; the
-    portable kernels run one element at a time through every option. Same bits, or the lanes drifted."""
+VECTOR_ISAS = ("avx2", "avx512")
+
+
+def _bits_under(isa: str, path) -> dict:
+    """updated_bits() in a fresh process running the ``isa`` kernels (PECKER_CPU_ISA asks for them)."""
+    code = (
+        "import torch; from pecker_kernels.backends import cpu; "
+        "from tests.test_cpu_variants import updated_bits; "
+        f"assert cpu.cpu_module.kernel_isa() == {isa!r}, cpu.cpu_module.kernel_isa(); "
+        f"torch.save(updated_bits(), {str(path)!r})"
+    )
+    env = {**os.environ, "PECKER_CPU_ISA": isa}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=600)
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+def test_vector_lanes_round_like_the_portable_loop(isa, tmp_path):
+    """The vector updates run eight lanes per instruction (AVX2; AVX-512 with 32 registers and masked
+    stores) and compile the common options away; the portable kernels run one element at a time through
+    every option. Same bits, or the lanes drifted."""
     from pecker_kernels.backends import cpu
 
-    if cpu.cpu_module.kernel_isa() != "avx2":
-        pytest.skip("this CPU has no AVX2: only the portable kernels exist here")
-    saved = tmp_path / "portable.pt"
-    code = (
-        "import torch; from tests.test_cpu_variants import updated_bits; "
-        f"torch.save(updated_bits(), {str(saved)!r})"
+    best = cpu.cpu_module.kernel_isa()
+    if VECTOR_ISAS.index(isa) > (VECTOR_ISAS.index(best) if best in VECTOR_ISAS else -1):
+        pytest.skip(f"this CPU runs {best}: it has no {isa} kernels")
+    portable, lanes = (
+        _bits_under("baseline", tmp_path / "portable.pt"),
+        _bits_under(isa, tmp_path / "lanes.pt"),
     )
-    env = {**os.environ, "PECKER_CPU_ISA": "baseline"}
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=600)
-    portable, lanes = torch.load(saved), updated_bits()
     assert portable.keys() == lanes.keys()
     differ = [key for key in lanes if not torch.equal(lanes[key], portable[key])]
     assert not differ, f"{len(differ)} of {len(lanes)} results differ, first: {differ[:5]}"

@@ -63,8 +63,9 @@ struct KernelTable {
 
 extern const KernelTable kBaselineKernels;
 extern const KernelTable kAvx2Kernels;
-const KernelTable& kernels();  // the best table this CPU runs
-const char* kernels_isa();     // its name: "avx2" or "baseline"
+extern const KernelTable kAvx512Kernels;
+const KernelTable& kernels();  // the best table this CPU runs (PECKER_CPU_ISA may ask for a lesser one)
+const char* kernels_isa();     // its name: "avx512", "avx2" or "baseline"
 
 // ---- drivers (ops.cpp) -------------------------------------------------------------------------
 

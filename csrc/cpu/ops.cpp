@@ -18,18 +18,32 @@ namespace cpu {
 
 const KernelTable& kernels() {
 #if defined(__x86_64__) || defined(__i386__)
-  // PECKER_CPU_ISA=baseline forces the portable kernels (to test them on an AVX2 machine).
-  static const bool avx2 = [] {
-    const char* isa = std::getenv("PECKER_CPU_ISA");
-    const bool forced_baseline = isa != nullptr && std::string(isa) == "baseline";
-    return !forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // PECKER_CPU_ISA=avx2 or =baseline asks for a lesser table than the CPU runs (to test each here).
+  static const KernelTable& best = []() -> const KernelTable& {
+    const char* asked = std::getenv("PECKER_CPU_ISA");
+    const std::string isa = asked == nullptr ? "" : asked;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (isa == "baseline") return kBaselineKernels;
+    if (avx512 && isa != "avx2") return kAvx512Kernels;
+    if (avx2) return kAvx2Kernels;
+    return kBaselineKernels;
   }();
-  if (avx2) return kAvx2Kernels;
-#endif
+  return best;
+#else
   return kBaselineKernels;
+#endif
 }
 
-const char* kernels_isa() { return &kernels() == &kBaselineKernels ? "baseline" : "avx2"; }
+const char* kernels_isa() {
+  const KernelTable& k = kernels();
+#if defined(__x86_64__) || defined(__i386__)
+  if (&k == &kAvx512Kernels) return "avx512";
+  if (&k == &kAvx2Kernels) return "avx2";
+#endif
+  return "baseline";
+}
 
 namespace {
 
