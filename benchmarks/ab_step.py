@@ -8,7 +8,7 @@ A build is a checkout with its compiled modules in place (``python setup.py buil
 Every process imports ``pecker_kernels`` from its build and the contenders (``benchmarks.contenders``)
 from this checkout, so both builds run the same benchmark. Each prints one row: fused AdamW's median
 step and the ratios to it of ours with a stored mask, reselecting every step, and reselecting with
-beta1 = 0 (fp32, ratio 0.5, interleaved calls; the median of ``--reps`` each).
+beta1 = 0 (fp32, ratio 0.5; the median of ``--reps`` calls each, in bench_step's interleaved rounds).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]  # the checkout whose contenders every build runs
@@ -35,26 +34,18 @@ def measure(build: Path, config: str, size: int, reps: int) -> dict:
         raise RuntimeError(f"pecker_kernels came from {pecker_kernels.__file__}, not from {build}")
     sys.path.insert(0, str(HERE))
     from benchmarks import contenders as c
-    from benchmarks import layouts
+    from benchmarks import layouts, timing
 
     shapes = ((size,),) if config == "flat" else tuple(layouts.MODELS[config]())
     cfg = c.Config(config, shapes, "fp32", 0.5, "cpu")
     problem = c.make_problem(cfg)
-    steps = [
-        c.torch_adamw(cfg, problem, "fused").step,
-        c.salient_adamw(cfg, problem, "cpu", stored_mask=True).step,
-        c.salient_adamw(cfg, problem, "cpu", stored_mask=False).step,
-        c.salient_adamw(cfg, problem, "cpu", stored_mask=False, beta1=0.0).step,
+    contenders = [
+        c.torch_adamw(cfg, problem, "fused"),
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=True),
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=False),
+        c.salient_adamw(cfg, problem, "cpu", stored_mask=False, beta1=0.0),
     ]
-    for step in steps:
-        for _ in range(3):
-            step()
-    samples: list[list[float]] = [[] for _ in steps]
-    for _ in range(reps):
-        for step, times in zip(steps, samples, strict=True):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+    samples = timing.interleaved(contenders, "cpu", reps=reps, budget_s=3600.0)  # every call: no budget cut
     fused, *ours = (statistics.median(t) for t in samples)
     return {"fused_ms": fused * 1e3, **{n: t / fused for n, t in zip(NAMES, ours, strict=True)}}
 

@@ -382,9 +382,9 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
 def run_distributed(job: Callable[[bool], int], backend: str = "gloo") -> int:
     """``job(lead)`` on this process of a torchrun job (gloo: the class recipe trains on the CPU; a concept
     run on CUDA asks for nccl); ``lead`` is rank 0, the one that writes. A rank whose job finished waits
-    for the others before the process group is torn down: a rank leaving while its peers still evaluate
-    and write made gloo's teardown abort now and then. A job that stopped (a signal, an error) leaves at
-    once."""
+    for the others before the process group is torn down, rather than closing its connections while rank 0
+    still evaluates and writes (once seen, not reproduced: rank 1 aborting in gloo at the end of a run).
+    A job that stopped (a signal, an error) leaves at once."""
     import torch.distributed as dist
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

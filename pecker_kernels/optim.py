@@ -415,7 +415,7 @@ class _SalientOptimizer(Optimizer):
             if key in state:
                 check_kernel_state(where, key, _local(state[key]), shard, STATE_DTYPES)
         if ema and "ema" in state:
-            check_kernel_state(where, "ema", _local(state["ema"]), shard, (torch.float32,))
+            check_kernel_state(where, "ema", _local(state["ema"]), shard, _EMA_DTYPES)
         if "mask" in state:
             check_packed_mask(where, state["mask"], shard)
         raise TypeError(f"{where}: state['step'] must be a one-element float32 tensor on {shard.device}")
@@ -529,7 +529,7 @@ class _SalientOptimizer(Optimizer):
             else:
                 _count_steps(steps)
                 config = self._config(group, int(steps[0]), momentum_init=fresh or int(steps[0]) == 1)
-            first, second = self._state_keys(group)
+            first, second = layout[id(group)][1]
             sub = TensorGroup(
                 params=[params[i] for i in indices],
                 grads=[grads[i] for i in indices],
