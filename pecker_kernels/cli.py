@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -379,13 +380,14 @@ def _run_one(config, ctx, part: Path | None, teacher: dict | None, progress: boo
     return result
 
 
-def run_distributed(job: Callable[[bool], int], backend: str = "gloo") -> int:
+def run_distributed(job: Callable[[bool], int], backend: str = "gloo") -> NoReturn:
     """``job(lead)`` on this process of a torchrun job (gloo: the class recipe trains on the CPU; a concept
-    run on CUDA asks for nccl); ``lead`` is rank 0, the one that writes. A rank whose job finished waits
-    for the others before the process group is torn down, rather than closing its connections while rank 0
-    still evaluates and writes (once seen, not reproduced: rank 1 aborting in gloo at the end of a run).
-    A job that stopped (a signal, an error) leaves at once."""
+    run on CUDA asks for nccl); ``lead`` is rank 0, the one that writes. The process then ends with the
+    job's code through ``distributed.exit_process``: a normal interpreter exit after gloo collectives can
+    abort a finished rank. A job that raises leaves with its traceback, as any command does."""
     import torch.distributed as dist
+
+    from .distributed import exit_process
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(
@@ -396,11 +398,10 @@ def run_distributed(job: Callable[[bool], int], backend: str = "gloo") -> int:
         dist.init_process_group(backend)
     try:
         code = job(dist.get_rank() == 0)
-        if code == 0:
-            dist.barrier()
-        return code
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_process(code)
 
 
 _RECORDED = (

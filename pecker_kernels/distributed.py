@@ -30,11 +30,12 @@ communication: every rank holds the same gradients and so selects the same mask.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,27 @@ def local(t: Tensor) -> Tensor:
     if type(t) in _PLAIN:  # asked several times per tensor every step: the common case without a call
         return t
     return t.to_local() if is_dtensor(t) else t
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End a process that ran gloo collectives as ``sys.exit(code)`` would, without finalising Python.
+
+    torch keeps a gloo process group and its worker threads alive after ``destroy_process_group``. A
+    worker still releasing the last collective's tensors while the interpreter finalises waits for the
+    GIL, Python ends that thread, and the C++ unwinding aborts the process ("terminate called without an
+    active exception", SIGABRT): a finished run reported as failed. Call this last: it destroys the group
+    if it is still up, flushes stdout, stderr and logging, and leaves with ``os._exit`` (``atexit``
+    handlers do not run).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def like(value: Tensor, reference: Tensor) -> Tensor:

@@ -7,6 +7,10 @@ then local order.
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import subprocess
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -19,12 +23,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import pecker_kernels as pk
+from pecker_kernels.distributed import exit_process
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
 
 def _worker(rank: int, world: int, folder: str, checks: list[tuple]) -> None:
     """Run every check on this rank; a failing check leaves its traceback in ``folder``."""
+    faulthandler.enable()  # an abort prints this rank's Python stack into the test's output
     torch.set_num_threads(1)
     # A rank that fails mid-collective must not hang the others for gloo's default 30 minutes.
     dist.init_process_group(
@@ -40,8 +46,10 @@ def _worker(rank: int, world: int, folder: str, checks: list[tuple]) -> None:
                 fn(*args)
             except Exception:
                 Path(folder, f"{name}.rank{rank}.txt").write_text(traceback.format_exc())
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_process(0)  # a plain return can abort in gloo's teardown (see exit_process)
 
 
 class Ranks:
@@ -386,3 +394,22 @@ def test_process_group_without_init_raises():
         pk.SalientAdamW([torch.zeros(3, requires_grad=True)], process_group="world")
     with pytest.raises(RuntimeError, match="not initialised"):
         pk.topk_mask([torch.ones(3)], 0.5, process_group="world")
+
+
+def test_exit_process_tears_the_group_down_flushes_and_leaves_with_the_code(tmp_path):
+    script = f"""
+import torch.distributed as dist
+from pecker_kernels.distributed import exit_process
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+dist.all_reduce(__import__("torch").ones(3))
+print("written before the exit")
+exit_process(3)
+print("never reached")
+"""
+    # stdout is a pipe here, so block-buffered: the line survives only if exit_process flushes it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines() == ["written before the exit"]
