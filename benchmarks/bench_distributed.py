@@ -79,7 +79,7 @@ def main() -> None:
                 f"| {size:.0e} | {sharded * 1e3:.2f} | {radix * 1e3:.2f} | {local * 1e3:.2f} "
                 f"| {wire_bytes(1, world)} |"
             )
-    dist.destroy_process_group()
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
