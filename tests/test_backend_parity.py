@@ -106,6 +106,22 @@ def test_selection_of_large_segments_matches_eager(target, ratio, zeros):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("score", ["grad", "grad_weight"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selection_of_large_low_precision_segments_matches_eager(target, dtype, score):
+    """The sampled bracket on half-precision scores, where every value is shared by many elements
+    (also those at the bracket's ends), with NaN and infinities among them."""
+    backend, device = target
+    sizes = (70_001, 50_000)
+    grads = gradients(sizes, dtype, seed=11)
+    weights = parameters(sizes, dtype) if score == "grad_weight" else None
+    for ratio in (0.01, 0.5):
+        ks = _ks(sizes, [0, 0], ratio)
+        want = eager.select(grads, weights, score, [0, 0], ks)
+        got = backend.select(_to(grads, device), _to(weights, device), score, [0, 0], ks)
+        _assert_same_selection(got, want)
+
+
 @pytest.mark.parametrize("spread", [2**-20, 2**-8, 1.0])
 def test_selection_in_narrow_value_bands_matches_eager(target, spread):
     """Scores packed into a narrow band with many ties: the CPU's in-memory select narrows by

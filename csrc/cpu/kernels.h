@@ -19,13 +19,14 @@ struct ScoreSrc {
 };
 
 // One pass of the sample-bracket select over a range: counts around the bracket [lo, hi] and the
-// scores strictly inside it (appended to buf while they fit).
+// scores inside it (appended to buf while they fit). `bracket` keeps the scores strictly inside and
+// counts those at either end; `closed_bracket` keeps [lo, hi] whole and counts no ends (eq_* stay 0).
 struct BracketAcc {
   int64_t finite = 0;  // finite scores
   int64_t above = 0;   // finite scores > hi
   int64_t eq_hi = 0;   // scores == hi
   int64_t eq_lo = 0;   // scores == lo (only when lo < hi)
-  int64_t mid = 0;     // scores in (lo, hi)
+  int64_t mid = 0;     // scores in (lo, hi); closed_bracket: in [lo, hi]
   float* buf = nullptr;
   int64_t size = 0;
   int64_t cap = 0;
@@ -51,6 +52,7 @@ struct UpdateArgs {
 // 32 (a mask word). Selected by score: s >= (i < cut ? t_in : t_st) and s finite.
 struct KernelTable {
   void (*bracket)(const ScoreSrc&, int64_t begin, int64_t end, float lo, float hi, BracketAcc& acc);
+  void (*closed_bracket)(const ScoreSrc&, int64_t begin, int64_t end, float lo, float hi, BracketAcc& acc);
   // Radix digit histogram of the finite scores whose key >> prefix_shift == prefix.
   void (*histogram)(const ScoreSrc&, int64_t begin, int64_t end, int prefix_shift, uint32_t prefix,
                     int digit_shift, uint32_t digit_mask, uint32_t* hist);

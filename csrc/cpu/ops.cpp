@@ -325,10 +325,11 @@ int64_t sample_runs_of(const Tensors& t, const std::vector<int64_t>& members, in
 
 // The bracket kernel over `chunks` on nt threads: thread th keeps its scores in [th * cap, th * cap +
 // size) of `kept`, then runs after(th, its accumulator); returns every thread's accumulator.
+using BracketKernel = void (*)(const ScoreSrc&, int64_t, int64_t, float, float, BracketAcc&);
+
 template <class After>
-std::vector<BracketAcc> bracket_pass(const Tensors& t, const std::vector<Range>& chunks, float lo, float hi,
-                                     int64_t cap, float* kept, int nt, After&& after) {
-  const KernelTable& K = kernels();
+std::vector<BracketAcc> bracket_pass(BracketKernel kernel, const Tensors& t, const std::vector<Range>& chunks,
+                                     float lo, float hi, int64_t cap, float* kept, int nt, After&& after) {
   std::vector<BracketAcc> accs(static_cast<size_t>(nt));
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel num_threads(nt)
@@ -340,7 +341,7 @@ std::vector<BracketAcc> bracket_pass(const Tensors& t, const std::vector<Range>&
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       const Range& r = chunks[static_cast<size_t>(c)];
-      K.bracket(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
+      kernel(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
     }
     accs[static_cast<size_t>(me)] = acc;
     after(me, acc);
@@ -378,6 +379,7 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   const int64_t mf = sample_runs_of(t, seg.members, n, runs, sample, &m, scratch, threads);
   float lo = 0.0f, hi = __FLT_MAX__;
   double kept_fraction = 1.0;
+  bool closed = false;  // which bracket pass: kernels.h, BracketAcc
   if (mf > 0) {
     // Expected position of the k-th largest among the finite samples (clamped: k may exceed n).
     const double r = std::min(static_cast<double>(k) * static_cast<double>(m) / static_cast<double>(n) - 0.5,
@@ -393,6 +395,15 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     if (hi_idx >= 0) hi = hi_stat;
     kept_fraction =
         static_cast<double>(std::max<int64_t>(std::min(lo_idx, mf) - std::max<int64_t>(hi_idx, 0), 0)) / m;
+    // The closed bracket keeps the scores equal to lo or hi too, so it suits ends that are not atoms:
+    // where the sample holds at most half as many at the ends as inside, keeping them costs little.
+    int64_t at_ends = 0, inside = 0;
+    for (int64_t j = 0; j < mf; ++j) {
+      at_ends += (sample[j] == lo) | (sample[j] == hi);
+      inside += (sample[j] > lo) & (sample[j] < hi);
+    }
+    closed = lo < hi && 2 * at_ends <= inside;
+    if (closed) kept_fraction = std::max(kept_fraction, static_cast<double>(at_ends + inside) / m);
   }
   const int nt = n >= kParallelMin ? std::max(1, threads) : 1;
   // Room for three times the expected share of each thread, so an unlucky spread rarely overflows.
@@ -409,8 +420,10 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   while (((float_bits(hi) - lo_key) >> bucket_shift) >= kDigitBins) ++bucket_shift;
   uint32_t* hists = room(scratch.hists, static_cast<size_t>(nt) * kDigitBins);
   std::fill(hists, hists + static_cast<size_t>(nt) * kDigitBins, 0u);
+  const KernelTable& K = kernels();
   const std::vector<BracketAcc> accs =
-      bracket_pass(t, chunks, lo, hi, cap, kept, nt, [&](int me, const BracketAcc& acc) {
+      bracket_pass(closed ? K.closed_bracket : K.bracket, t, chunks, lo, hi, cap, kept, nt,
+                   [&](int me, const BracketAcc& acc) {
         uint32_t* hist = hists + static_cast<size_t>(me) * kDigitBins;  // at most cap < 2^32 scores a thread
         if (!acc.overflow)
           for (int64_t j = 0; j < acc.size; ++j) ++hist[(float_bits(acc.buf[j]) - lo_key) >> bucket_shift];
@@ -418,42 +431,48 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   const BracketAcc all = merged(accs);
   const int64_t k_eff = std::min(k, all.finite);
   if (k_eff <= 0) return kNothing;
-  // Descending order of the finite scores: above | == hi | (lo, hi) | == lo | below.
-  if (k_eff > all.above) {
+  // The rank-th largest of the kept scores, all of which are stored; every score above them is counted.
+  const auto from_kept = [&](int64_t rank) {
+    // The bucket holding the rank-th largest kept score; every score of a higher bucket is above it.
+    int64_t bucket = kDigitBins - 1;
+    for (;; --bucket) {
+      int64_t count = 0;
+      for (int th = 0; th < nt; ++th) count += hists[static_cast<size_t>(th) * kDigitBins + bucket];
+      if (count >= rank || bucket == 0) break;
+      rank -= count;
+    }
+    // Each thread moves that bucket's scores to the front of its region; then they are moved together.
+    int64_t* bucket_size = room(scratch.bucket_size, static_cast<size_t>(nt));
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int th = 0; th < nt; ++th) {
+      float* buf = kept + static_cast<size_t>(th) * region;
+      int64_t kept_here = 0;
+      for (int64_t j = 0; j < accs[static_cast<size_t>(th)].size; ++j) {
+        const float x = buf[j];
+        buf[kept_here] = x;
+        kept_here += ((float_bits(x) - lo_key) >> bucket_shift) == static_cast<uint32_t>(bucket);
+      }
+      bucket_size[th] = kept_here;
+    }
+    int64_t at = 0;
+    for (int th = 0; th < nt; ++th) {
+      std::memmove(kept + at, kept + static_cast<size_t>(th) * region, sizeof(float) * bucket_size[th]);
+      at += bucket_size[th];
+    }
+    // Every tie of the threshold is among the kept scores (which hold every score of its value), and
+    // in its bucket.
+    return select_in_memory(kept, at, rank);
+  };
+  if (closed) {
+    // Descending order of the finite scores: above | [lo, hi], kept | below.
+    const int64_t rank = k_eff - all.above;
+    if (rank >= 1 && rank <= all.mid && !all.overflow) return from_kept(rank);
+  } else if (k_eff > all.above) {
+    // Descending order of the finite scores: above | == hi | (lo, hi), kept | == lo | below.
     int64_t rank = k_eff - all.above;
     if (rank <= all.eq_hi) return Result{hi, rank, all.eq_hi};
     rank -= all.eq_hi;
-    if (rank <= all.mid && !all.overflow) {
-      // The bucket holding the rank-th largest kept score; every score of a higher bucket is above it.
-      int64_t bucket = kDigitBins - 1;
-      for (;; --bucket) {
-        int64_t count = 0;
-        for (int th = 0; th < nt; ++th) count += hists[static_cast<size_t>(th) * kDigitBins + bucket];
-        if (count >= rank || bucket == 0) break;
-        rank -= count;
-      }
-      // Each thread moves that bucket's scores to the front of its region; then they are moved together.
-      int64_t* bucket_size = room(scratch.bucket_size, static_cast<size_t>(nt));
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-      for (int th = 0; th < nt; ++th) {
-        float* buf = kept + static_cast<size_t>(th) * region;
-        int64_t kept_here = 0;
-        for (int64_t j = 0; j < accs[static_cast<size_t>(th)].size; ++j) {
-          const float x = buf[j];
-          buf[kept_here] = x;
-          kept_here += ((float_bits(x) - lo_key) >> bucket_shift) == static_cast<uint32_t>(bucket);
-        }
-        bucket_size[th] = kept_here;
-      }
-      int64_t at = 0;
-      for (int th = 0; th < nt; ++th) {
-        std::memmove(kept + at, kept + static_cast<size_t>(th) * region, sizeof(float) * bucket_size[th]);
-        at += bucket_size[th];
-      }
-      // The threshold lies strictly inside (lo, hi), so all its ties are among the kept scores, and in
-      // its bucket.
-      return select_in_memory(kept, at, rank);
-    }
+    if (rank <= all.mid && !all.overflow) return from_kept(rank);
     if (rank > all.mid) {
       rank -= all.mid;
       if (rank <= all.eq_lo) return Result{lo, rank, all.eq_lo};
@@ -567,7 +586,8 @@ void bracket_counts(const Tensors& t, float lo, float hi, int64_t cap, float* ke
     total += t.numel[i];
   }
   const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
-  const std::vector<BracketAcc> accs = bracket_pass(t, chunks, lo, hi, cap, kept, nt, [](int, const BracketAcc&) {});
+  const std::vector<BracketAcc> accs =
+      bracket_pass(kernels().bracket, t, chunks, lo, hi, cap, kept, nt, [](int, const BracketAcc&) {});
   const BracketAcc all = merged(accs);
   int64_t at = 0;  // the threads' scores moved together at the front
   for (int th = 0; th < nt; ++th) {
