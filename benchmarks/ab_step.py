@@ -7,8 +7,9 @@ rather than against numbers from another day.
 A build is a checkout with its compiled modules in place (``python setup.py build_ext --inplace``).
 Every process imports ``pecker_kernels`` from its build and the contenders (``benchmarks.contenders``)
 from this checkout, so both builds run the same benchmark. Each prints one row: fused AdamW's median
-step and the ratios to it of ours with a stored mask, reselecting every step, and reselecting with
-beta1 = 0 (fp32, ratio 0.5; the median of ``--reps`` calls each, in bench_step's interleaved rounds).
+step and the ratios to it of ours with a stored mask, reselecting every step, reselecting with
+beta1 = 0, and the reselecting step's select by itself (fp32, ratio 0.5; the median of ``--reps`` calls
+each, in bench_step's interleaved rounds).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]  # the checkout whose contenders every build runs
-NAMES = ("stored", "reselect", "beta1=0")
+NAMES = ("stored", "reselect", "beta1=0", "select alone")
 
 
 def measure(build: Path, config: str, size: int, reps: int) -> dict:
@@ -44,10 +45,22 @@ def measure(build: Path, config: str, size: int, reps: int) -> dict:
         c.salient_adamw(cfg, problem, "cpu", stored_mask=True),
         c.salient_adamw(cfg, problem, "cpu", stored_mask=False),
         c.salient_adamw(cfg, problem, "cpu", stored_mask=False, beta1=0.0),
+        _select_alone(problem.grads),
     ]
     samples = timing.interleaved(contenders, "cpu", reps=reps, budget_s=3600.0)  # every call: no budget cut
     fused, *ours = (statistics.median(t) for t in samples)
     return {"fused_ms": fused * 1e3, **{n: t / fused for n, t in zip(NAMES, ours, strict=True)}}
+
+
+def _select_alone(grads: list) -> object:
+    """The reselecting step's select by itself: the CPU backend's exact global top half of |g|."""
+    from benchmarks import contenders as c
+    from pecker_kernels.backends import load
+    from pecker_kernels.backends.base import budget
+
+    cpu, segments = load("cpu"), [0] * len(grads)
+    k = [budget(0.5, sum(g.numel() for g in grads))]
+    return c.Contender("select alone", lambda: cpu.select(grads, None, "grad", segments, k), 4.0)
 
 
 def run_child(build: Path, config: str, size: int, reps: int) -> dict:
