@@ -23,28 +23,30 @@ T* as_ptr(int64_t address) {
 }
 
 void select_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype, int score,
-            const Ptrs& segments, const Ptrs& ks, int64_t threshold, int64_t take, int64_t ties, int threads) {
+            const Ptrs& segments, const Ptrs& ks, int64_t threshold, int64_t take, int64_t ties, int64_t cut,
+            int threads) {
   const pecker::cpu::Tensors t{g, w, numel, dtype, score};
   pecker::cpu::select(t, segments, ks, as_ptr<float>(threshold), as_ptr<int64_t>(take), as_ptr<int64_t>(ties),
-                      threads);
+                      as_ptr<int64_t>(cut), threads);
 }
 
 void write_masks_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype, int score,
-                 const Ptrs& segments, int64_t threshold, int64_t take, int64_t ties, int64_t num_segments,
-                 const Ptrs& masks_out, int threads) {
+                 const Ptrs& segments, int64_t threshold, int64_t take, int64_t ties, int64_t cut,
+                 int64_t num_segments, const Ptrs& masks_out, int threads) {
   const pecker::cpu::Tensors t{g, w, numel, dtype, score};
   pecker::cpu::write_masks(t, segments, as_ptr<const float>(threshold), as_ptr<const int64_t>(take),
-                           as_ptr<const int64_t>(ties), num_segments, masks_out, threads);
+                           as_ptr<const int64_t>(ties), as_ptr<const int64_t>(cut), num_segments, masks_out,
+                           threads);
 }
 
 void update_op(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& e, const Ptrs& numel,
             const std::vector<int>& dtype, const std::vector<int>& state_dtype, const StepParams& params,
-            int score, const Ptrs& segments, int64_t threshold, int64_t take, int64_t ties,
+            int score, const Ptrs& segments, int64_t threshold, int64_t take, int64_t ties, int64_t cut,
             int64_t num_segments, const Ptrs& mask_in, const Ptrs& mask_out, int threads) {
   if (state_dtype.size() != numel.size()) throw std::invalid_argument("state_dtype: one code per tensor");
   const pecker::cpu::UpdateTensors t{p, g, m, v, e, numel, dtype, state_dtype, mask_in, mask_out};
   pecker::cpu::update(t, params, score, segments, as_ptr<const float>(threshold), as_ptr<const int64_t>(take),
-                      as_ptr<const int64_t>(ties), num_segments, threads);
+                      as_ptr<const int64_t>(ties), as_ptr<const int64_t>(cut), num_segments, threads);
 }
 
 void radix_histogram_op(const Ptrs& g, const Ptrs& w, const Ptrs& numel, const std::vector<int>& dtype,
@@ -80,9 +82,10 @@ PYBIND11_MODULE(_C, m) {
         "The instruction set of the range kernels this process runs: \"avx512\", \"avx2\" or \"baseline\" "
         "(PECKER_CPU_ISA=avx2 or =baseline asks for a lesser one).");
   m.def("select", &select_op, nogil,
-        "Exact per-segment top-k threshold: writes threshold (float32), take and ties (int64) per segment.",
+        "Exact per-segment top-k threshold: writes threshold (float32), take, ties and cut (int64; -1: not "
+        "known) per segment.",
         py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
-        py::arg("ks"), py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("threads"));
+        py::arg("ks"), py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("cut"), py::arg("threads"));
   m.def("radix_histogram", &radix_histogram_op, nogil,
         "One radix digit pass: int64 [num_segments][2048] counts of the finite scores under each prefix.",
         py::arg("g"), py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
@@ -98,14 +101,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BRACKET_COUNTS") = pecker::cpu::kBracketCounts;
   m.def("write_masks", &write_masks_op, nogil, "Writes the packed int32 masks of a selection.", py::arg("g"),
         py::arg("w"), py::arg("numel"), py::arg("dtype"), py::arg("score"), py::arg("segments"),
-        py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("masks_out"),
-        py::arg("threads"));
+        py::arg("threshold"), py::arg("take"), py::arg("ties"), py::arg("cut"), py::arg("num_segments"),
+        py::arg("masks_out"), py::arg("threads"));
   m.def("count_steps", &pecker::cpu::count_steps,
         "Adds one to each float32 step counter (data pointers of one-element tensors).", py::arg("steps"));
   m.def("update", &update_op, nogil,
         "Fused masked optimizer step over many tensors (selection by threshold/take/ties or mask_in).",
         py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("e"), py::arg("numel"), py::arg("dtype"),
         py::arg("state_dtype"), py::arg("params"), py::arg("score"), py::arg("segments"), py::arg("threshold"),
-        py::arg("take"), py::arg("ties"), py::arg("num_segments"), py::arg("mask_in"), py::arg("mask_out"),
-        py::arg("threads"));
+        py::arg("take"), py::arg("ties"), py::arg("cut"), py::arg("num_segments"), py::arg("mask_in"),
+        py::arg("mask_out"), py::arg("threads"));
 }

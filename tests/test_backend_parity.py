@@ -185,6 +185,90 @@ def test_ties_at_the_threshold_go_to_the_lowest_flat_index(target):
     assert bool(first.all()) and int(second.sum()) == 1000 and bool(second[:1000].all())
 
 
+def _quantized(sizes, levels, seed):
+    """Gradients on a grid of ``levels`` values a sign: every score is shared by many elements, so a
+    budget's threshold is tied wherever it falls."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(-levels, levels + 1, (n,), generator=gen).float() / levels for n in sizes]
+
+
+@pytest.mark.parametrize("levels", [40, 3000])
+@pytest.mark.parametrize("ratio", [0.02, 0.5, 0.9])
+def test_tied_thresholds_of_large_segments_are_ranked_like_eager(target, levels, ratio):
+    """A tied threshold in segments large enough for the CPU's sampled bracket: the ties taken are the
+    first ``take`` in flat order, whether ranked by a pass over the scores or from the select's cut."""
+    backend, device = target
+    sizes = (70_001, 33, 120_000)
+    grads = _quantized(sizes, levels, seed=levels + int(ratio * 100))
+    segments = [0, 0, 0]
+    ks = _ks(sizes, segments, ratio)
+    want = eager.select(grads, None, "grad", segments, ks)
+    assert 0 < int(want.take) < int(want.ties), "the case must tie the threshold"
+    got = backend.select(_to(grads, device), None, "grad", segments, ks)
+    _assert_same_selection(got, want)
+    if got.cut is not None and int(got.cut) >= 0:  # the hint, where given, points past the take-th tie
+        flat = torch.cat(grads).abs()
+        at = int(got.cut)
+        assert flat[at - 1] == want.threshold and int((flat[:at] == want.threshold).sum()) == int(want.take)
+    want_masks = _masks_of(eager, grads, None, "grad", segments, want)
+    for g, w in zip(
+        _masks_of(backend, _to(grads, device), None, "grad", segments, got), want_masks, strict=True
+    ):
+        assert torch.equal(g, w)
+    config = UPDATE_CONFIGS["adamw"]
+    group = _group(config, sizes, torch.float32, seed=4)
+    group.grads = _to(grads, "cpu")
+    reference = _group_to(group, "cpu")
+    eager.update(reference, config, "grad", segments, selection=want)
+    moved = _group_to(group, device)
+    got_masks = empty_masks(moved.params)
+    backend.update(moved, config, "grad", segments, selection=got, masks_out=got_masks)
+    _assert_groups_close(moved, reference, torch.float32)
+    for g, w in zip(got_masks, want_masks, strict=True):
+        assert torch.equal(g.cpu(), w)
+
+
+def test_the_sampled_bracket_hints_where_a_tied_threshold_is_cut():
+    """The hint that spares the update a pass over every score is given where the bracket holds the
+    threshold: a tied fp32 threshold among many distinct scores."""
+    from pecker_kernels.backends import cpu
+
+    sizes = (70_001, 120_000)
+    grads = _quantized(sizes, 3000, seed=1)
+    ks = _ks(sizes, [0, 0], 0.5)
+    got = cpu.select(grads, None, "grad", [0, 0], ks)
+    assert 0 < int(got.take) < int(got.ties)
+    assert got.cut is not None and int(got.cut) > 0
+
+
+@pytest.mark.parametrize("cut", [-1, 0, 10**12])
+def test_a_cut_outside_the_segment_stays_inside_it(cut):
+    """A Selection whose cut hint disagrees with the tensors (built by hand, or for other tensors) is
+    clamped to them: -1 ranks the ties by a pass, 0 takes none, past the end takes every one."""
+    from pecker_kernels.backends import cpu
+
+    sizes = (70_001, 50_000)
+    grads = _quantized(sizes, 40, seed=2)
+    ks = _ks(sizes, [0, 0], 0.5)
+    chosen = cpu.select(grads, None, "grad", [0, 0], ks)
+    hinted = dataclasses.replace(chosen, cut=torch.tensor([cut], dtype=torch.int64))
+    masks = _masks_of(cpu, grads, None, "grad", [0, 0], hinted)
+    selected = sum(int(eager.unpack(m, g.numel()).sum()) for m, g in zip(masks, grads, strict=True))
+    above = int(sum((g.abs() > chosen.threshold).sum() for g in grads))
+    expected = {-1: above + int(chosen.take), 0: above, 10**12: above + int(chosen.ties)}[cut]
+    assert selected == expected
+
+
+def test_a_cut_of_the_wrong_shape_is_refused():
+    from pecker_kernels.backends import cpu
+
+    grads = _quantized((70_001,), 40, seed=3)
+    chosen = cpu.select(grads, None, "grad", [0], [100])
+    hinted = dataclasses.replace(chosen, cut=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"Selection\.cut"):
+        cpu.write_masks(grads, None, "grad", [0], hinted, empty_masks(grads))
+
+
 UPDATE_CONFIGS = {
     "adamw": StepConfig.adam("adamw", lr=1e-2, step=3, weight_decay=0.1),
     "adamw-beta1-0-clip-ema": StepConfig.adam(

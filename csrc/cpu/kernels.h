@@ -84,8 +84,11 @@ struct Tensors {
 void radix_histogram(const Tensors& t, const std::vector<int64_t>& segments, int64_t num_segments, int digit,
                      const uint32_t* prefix, int64_t* hist, int threads);
 
+// Per segment: threshold, take and ties (backends/base.py), and cut: the segment flat index just past
+// the take-th tie where the select found it without a pass of its own (a threshold inside the sample
+// bracket: its ties are all among the kept scores), else -1. write_masks and update plan with it.
 void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
-            float* threshold, int64_t* take, int64_t* ties, int threads);
+            float* threshold, int64_t* take, int64_t* ties, int64_t* cut, int threads);
 
 // The sharded select's local passes (pecker_kernels.distributed): evenly spaced runs of 16 scores over
 // the tensors' flat order, the finite ones written to `out` (room for 16 * runs; returns how many,
@@ -98,7 +101,7 @@ void bracket_counts(const Tensors& t, float lo, float hi, int64_t cap, float* ke
                     int threads);
 
 void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const float* threshold,
-                 const int64_t* take, const int64_t* ties, int64_t num_segments,
+                 const int64_t* take, const int64_t* ties, const int64_t* cut, int64_t num_segments,
                  const std::vector<int64_t>& masks_out, int threads);
 
 struct UpdateTensors {
@@ -110,8 +113,8 @@ struct UpdateTensors {
 };
 
 void update(const UpdateTensors& t, const StepParams& sp, int score, const std::vector<int64_t>& segments,
-            const float* threshold, const int64_t* take, const int64_t* ties, int64_t num_segments,
-            int threads);
+            const float* threshold, const int64_t* take, const int64_t* ties, const int64_t* cut,
+            int64_t num_segments, int threads);
 
 // Adds one to each float32 step counter (the optimizer's state["step"] of a host step): one call for
 // every parameter instead of an in-place add each, a dispatch of microseconds apiece.

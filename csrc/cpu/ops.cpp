@@ -88,9 +88,25 @@ struct Result {
   float threshold;
   int64_t take;
   int64_t ties;
+  int64_t cut = -1;  // segment flat index just past the take-th tie; -1: not known (see select())
 };
 
 constexpr Result kNothing{kInf, 0, 0};
+
+// The index just past the nth (1-based) score equal to `value` in [begin, end), which holds at least n.
+int64_t past_nth_tie(const KernelTable& K, const ScoreSrc& src, int64_t begin, int64_t end, float value,
+                     int64_t n) {
+  int64_t i = begin;
+  for (; i < end; i += 64) {
+    const int64_t c = K.count_equal(src, i, std::min(end, i + 64), value);
+    if (c >= n) break;
+    n -= c;
+  }
+  for (;; ++i) {
+    n -= K.count_equal(src, i, i + 1, value);
+    if (n == 0) return i + 1;
+  }
+}
 
 // Exact selection among `n` finite scores held in memory (reordered in place). Large sets narrow the
 // search with a 2048-bin histogram over their own key range and keep only the bucket holding the k-th
@@ -251,8 +267,8 @@ Result radix_select(const Tensors& t, const std::vector<Range>& chunks, int64_t 
 // page costs a fault on first touch (microseconds each in a virtual machine), and one select at 1e7
 // scores touches about 4 MB of scratch. Beyond kKeepFloats a buffer is handed back after the call.
 struct SelectScratch {
-  std::vector<float> slots, sample, order, kept;
-  std::vector<int64_t> kept_per_run, bucket_size;
+  std::vector<float> slots, sample, order, kept, in_bucket;
+  std::vector<int64_t> kept_per_run, bucket_at;
   std::vector<uint32_t> hists;
 };
 constexpr size_t kKeepFloats = size_t{1} << 24;
@@ -323,13 +339,21 @@ int64_t sample_runs_of(const Tensors& t, const std::vector<int64_t>& members, in
   return mf;
 }
 
+// Where one chunk's kept scores lie: [begin, end) of thread `thread`'s region of the kept buffer.
+struct KeptSlice {
+  int thread = 0;
+  int64_t begin = 0, end = 0;
+};
+
 // The bracket kernel over `chunks` on nt threads: thread th keeps its scores in [th * cap, th * cap +
-// size) of `kept`, then runs after(th, its accumulator); returns every thread's accumulator.
+// size) of `kept`, then runs after(th, its accumulator); returns every thread's accumulator. With
+// `slices`, slices[c] records where chunk c's kept scores went.
 using BracketKernel = void (*)(const ScoreSrc&, int64_t, int64_t, float, float, BracketAcc&);
 
 template <class After>
 std::vector<BracketAcc> bracket_pass(BracketKernel kernel, const Tensors& t, const std::vector<Range>& chunks,
-                                     float lo, float hi, int64_t cap, float* kept, int nt, After&& after) {
+                                     float lo, float hi, int64_t cap, float* kept, KeptSlice* slices, int nt,
+                                     After&& after) {
   std::vector<BracketAcc> accs(static_cast<size_t>(nt));
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
 #pragma omp parallel num_threads(nt)
@@ -341,7 +365,9 @@ std::vector<BracketAcc> bracket_pass(BracketKernel kernel, const Tensors& t, con
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       const Range& r = chunks[static_cast<size_t>(c)];
+      const int64_t before = acc.size;
       kernel(score_src(t, r.tensor), r.begin, r.end, lo, hi, acc);
+      if (slices != nullptr) slices[c] = KeptSlice{me, before, acc.size};
     }
     accs[static_cast<size_t>(me)] = acc;
     after(me, acc);
@@ -371,7 +397,7 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   struct TrimOnReturn {
     SelectScratch& s;
     ~TrimOnReturn() {
-      for (std::vector<float>* v : {&s.slots, &s.sample, &s.order, &s.kept}) trim(*v);
+      for (std::vector<float>* v : {&s.slots, &s.sample, &s.order, &s.kept, &s.in_bucket}) trim(*v);
     }
   } trim_on_return{scratch};
   float* sample = room(scratch.sample, static_cast<size_t>(runs * kRun));
@@ -421,8 +447,9 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   uint32_t* hists = room(scratch.hists, static_cast<size_t>(nt) * kDigitBins);
   std::fill(hists, hists + static_cast<size_t>(nt) * kDigitBins, 0u);
   const KernelTable& K = kernels();
+  std::vector<KeptSlice> slices(chunks.size());
   const std::vector<BracketAcc> accs =
-      bracket_pass(closed ? K.closed_bracket : K.bracket, t, chunks, lo, hi, cap, kept, nt,
+      bracket_pass(closed ? K.closed_bracket : K.bracket, t, chunks, lo, hi, cap, kept, slices.data(), nt,
                    [&](int me, const BracketAcc& acc) {
         uint32_t* hist = hists + static_cast<size_t>(me) * kDigitBins;  // at most cap < 2^32 scores a thread
         if (!acc.overflow)
@@ -431,6 +458,34 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
   const BracketAcc all = merged(accs);
   const int64_t k_eff = std::min(k, all.finite);
   if (k_eff <= 0) return kNothing;
+  // A threshold found among the kept scores has every tie kept: counting them chunk by chunk from the
+  // kept slices (a few percent of the scores) finds the take-th tie in flat order, so ranking the ties
+  // for the update reads one chunk instead of every score.
+  const auto with_cut = [&](Result r) {
+    if (r.take <= 0 || r.take >= r.ties) return r;
+    const int64_t nchunks = static_cast<int64_t>(chunks.size());
+    std::vector<int64_t> ties_in(chunks.size());
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const KeptSlice& sl = slices[static_cast<size_t>(c)];
+      const float* buf = kept + static_cast<size_t>(sl.thread) * region;
+      int64_t count = 0;
+      for (int64_t j = sl.begin; j < sl.end; ++j) count += buf[j] == r.threshold;
+      ties_in[static_cast<size_t>(c)] = count;
+    }
+    int64_t left = r.take;
+    int64_t flat = 0;  // segment flat index of chunk c's first element (chunks are in flat order)
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Range& ch = chunks[static_cast<size_t>(c)];
+      if (ties_in[static_cast<size_t>(c)] >= left) {
+        r.cut = flat + past_nth_tie(K, score_src(t, ch.tensor), ch.begin, ch.end, r.threshold, left) - ch.begin;
+        break;
+      }
+      left -= ties_in[static_cast<size_t>(c)];
+      flat += ch.end - ch.begin;
+    }
+    return r;
+  };
   // The rank-th largest of the kept scores, all of which are stored; every score above them is counted.
   const auto from_kept = [&](int64_t rank) {
     // The bucket holding the rank-th largest kept score; every score of a higher bucket is above it.
@@ -441,27 +496,34 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
       if (count >= rank || bucket == 0) break;
       rank -= count;
     }
-    // Each thread moves that bucket's scores to the front of its region; then they are moved together.
-    int64_t* bucket_size = room(scratch.bucket_size, static_cast<size_t>(nt));
+    // Each thread copies that bucket's scores into its share of one buffer (one slot more than it
+    // needs: the copy stores every score and advances past the bucket's), then the shares are joined.
+    // The kept regions stay whole: the tie ranking below reads them chunk by chunk.
+    int64_t* bucket_at = room(scratch.bucket_at, static_cast<size_t>(nt) + 1);
+    bucket_at[0] = 0;
+    for (int th = 0; th < nt; ++th)
+      bucket_at[th + 1] = bucket_at[th] + hists[static_cast<size_t>(th) * kDigitBins + bucket] + 1;
+    float* in_bucket = room(scratch.in_bucket, static_cast<size_t>(bucket_at[nt]));
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int th = 0; th < nt; ++th) {
-      float* buf = kept + static_cast<size_t>(th) * region;
-      int64_t kept_here = 0;
+      const float* buf = kept + static_cast<size_t>(th) * region;
+      float* out = in_bucket + bucket_at[th];
+      int64_t m = 0;
       for (int64_t j = 0; j < accs[static_cast<size_t>(th)].size; ++j) {
         const float x = buf[j];
-        buf[kept_here] = x;
-        kept_here += ((float_bits(x) - lo_key) >> bucket_shift) == static_cast<uint32_t>(bucket);
+        out[m] = x;
+        m += ((float_bits(x) - lo_key) >> bucket_shift) == static_cast<uint32_t>(bucket);
       }
-      bucket_size[th] = kept_here;
     }
     int64_t at = 0;
     for (int th = 0; th < nt; ++th) {
-      std::memmove(kept + at, kept + static_cast<size_t>(th) * region, sizeof(float) * bucket_size[th]);
-      at += bucket_size[th];
+      const int64_t size = bucket_at[th + 1] - bucket_at[th] - 1;
+      std::memmove(in_bucket + at, in_bucket + bucket_at[th], sizeof(float) * size);
+      at += size;
     }
     // Every tie of the threshold is among the kept scores (which hold every score of its value), and
     // in its bucket.
-    return select_in_memory(kept, at, rank);
+    return with_cut(select_in_memory(in_bucket, at, rank));
   };
   if (closed) {
     // Descending order of the finite scores: above | [lo, hi], kept | below.
@@ -522,7 +584,7 @@ void radix_histogram(const Tensors& t, const std::vector<int64_t>& segments, int
 }
 
 void select(const Tensors& t, const std::vector<int64_t>& segments, const std::vector<int64_t>& ks,
-            float* threshold, int64_t* take, int64_t* ties, int threads) {
+            float* threshold, int64_t* take, int64_t* ties, int64_t* cut, int threads) {
   const KernelTable& K = kernels();
   const int64_t num_segments = static_cast<int64_t>(ks.size());
   const std::vector<Segment> segs = segments_of(segments, t.numel, num_segments);
@@ -542,6 +604,7 @@ void select(const Tensors& t, const std::vector<int64_t>& segments, const std::v
     threshold[s] = r.threshold;
     take[s] = r.take;
     ties[s] = r.ties;
+    cut[s] = r.cut;
   }
   const int64_t nsmall = static_cast<int64_t>(small.size());
   const int nt = small_total >= kParallelMin ? std::max(1, threads) : 1;
@@ -560,6 +623,7 @@ void select(const Tensors& t, const std::vector<int64_t>& segments, const std::v
       threshold[s] = r.threshold;
       take[s] = r.take;
       ties[s] = r.ties;
+      cut[s] = r.cut;
     }
   }
 }
@@ -587,7 +651,7 @@ void bracket_counts(const Tensors& t, float lo, float hi, int64_t cap, float* ke
   }
   const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
   const std::vector<BracketAcc> accs =
-      bracket_pass(kernels().bracket, t, chunks, lo, hi, cap, kept, nt, [](int, const BracketAcc&) {});
+      bracket_pass(kernels().bracket, t, chunks, lo, hi, cap, kept, nullptr, nt, [](int, const BracketAcc&) {});
   const BracketAcc all = merged(accs);
   int64_t at = 0;  // the threads' scores moved together at the front
   for (int th = 0; th < nt; ++th) {
@@ -614,29 +678,35 @@ struct Piece {
 };
 
 // Resolves the tie rule into per-chunk cut points: ties in flat segment order before the take-th one
-// are selected. Only segments with 0 < take < ties need the extra counting pass.
+// are selected. Segments with 0 < take < ties need an extra counting pass, unless select() found
+// where the take-th tie is (cut[s] >= 0; cut may be nullptr).
 std::vector<Piece> plan(const std::vector<int64_t>& numel, const std::vector<int64_t>& segments,
-                        const float* threshold, const int64_t* take, const int64_t* ties,
+                        const float* threshold, const int64_t* take, const int64_t* ties, const int64_t* cut,
                         int64_t num_segments, const std::function<ScoreSrc(int64_t)>& src, int threads) {
   const KernelTable& K = kernels();
   std::vector<Piece> pieces;
   std::vector<int64_t> ranked;  // indices of pieces whose cut needs tie counts
   int64_t ranked_total = 0;
+  std::vector<int64_t> flat(static_cast<size_t>(num_segments), 0);  // segment flat index of tensor i
   for (size_t i = 0; i < numel.size(); ++i) {
     const int64_t s = segments[i];
     const float thr = threshold[s];
     const float t_st = std::nextafter(thr, kInf);
     const int64_t n = numel[i];
+    const int64_t at = flat[static_cast<size_t>(s)];
+    flat[static_cast<size_t>(s)] += n;
     for (int64_t b = 0; b < n; b += kChunk) {
       const int64_t e = std::min(n, b + kChunk);
-      int64_t cut = e;
+      int64_t cut_here = e;
       if (take[s] <= 0) {
-        cut = b;
+        cut_here = b;
+      } else if (take[s] < ties[s] && cut != nullptr && cut[s] >= 0) {
+        cut_here = std::clamp(cut[s] - at, b, e);  // clamped: a cut from elsewhere stays inside the chunk
       } else if (take[s] < ties[s]) {
         ranked.push_back(static_cast<int64_t>(pieces.size()));
         ranked_total += e - b;
       }
-      pieces.push_back(Piece{static_cast<int64_t>(i), b, e, cut, thr, t_st});
+      pieces.push_back(Piece{static_cast<int64_t>(i), b, e, cut_here, thr, t_st});
     }
   }
   if (ranked.empty()) return pieces;
@@ -671,19 +741,7 @@ std::vector<Piece> plan(const std::vector<int64_t>& numel, const std::vector<int
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t b = 0; b < nboundary; ++b) {
     Piece& p = pieces[static_cast<size_t>(boundary[static_cast<size_t>(b)])];
-    const ScoreSrc sc = src(p.tensor);
-    int64_t left = limit[static_cast<size_t>(b)];
-    int64_t i = p.begin;
-    for (; i < p.end; i += 64) {
-      const int64_t c = K.count_equal(sc, i, std::min(p.end, i + 64), p.t_in);
-      if (c >= left) break;
-      left -= c;
-    }
-    for (;; ++i) {
-      left -= K.count_equal(sc, i, i + 1, p.t_in);
-      if (left == 0) break;
-    }
-    p.cut = i + 1;
+    p.cut = past_nth_tie(K, src(p.tensor), p.begin, p.end, p.t_in, limit[static_cast<size_t>(b)]);
   }
   return pieces;
 }
@@ -691,12 +749,12 @@ std::vector<Piece> plan(const std::vector<int64_t>& numel, const std::vector<int
 }  // namespace
 
 void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const float* threshold,
-                 const int64_t* take, const int64_t* ties, int64_t num_segments,
+                 const int64_t* take, const int64_t* ties, const int64_t* cut, int64_t num_segments,
                  const std::vector<int64_t>& masks_out, int threads) {
   const KernelTable& K = kernels();
   auto src = [&](int64_t i) { return score_src(t, i); };
   const std::vector<Piece> pieces =
-      plan(t.numel, segments, threshold, take, ties, num_segments, src, threads);
+      plan(t.numel, segments, threshold, take, ties, cut, num_segments, src, threads);
   int64_t total = 0;
   for (int64_t n : t.numel) total += n;
   const int nt = total >= kParallelMin ? std::max(1, threads) : 1;
@@ -710,8 +768,8 @@ void write_masks(const Tensors& t, const std::vector<int64_t>& segments, const f
 }
 
 void update(const UpdateTensors& t, const StepParams& sp, int score, const std::vector<int64_t>& segments,
-            const float* threshold, const int64_t* take, const int64_t* ties, int64_t num_segments,
-            int threads) {
+            const float* threshold, const int64_t* take, const int64_t* ties, const int64_t* cut,
+            int64_t num_segments, int threads) {
   const KernelTable& K = kernels();
   auto src = [&](int64_t i) {
     return ScoreSrc{as_ptr<const void>(t.g[static_cast<size_t>(i)]),
@@ -720,7 +778,7 @@ void update(const UpdateTensors& t, const StepParams& sp, int score, const std::
   };
   std::vector<Piece> pieces;
   if (t.mask_in.empty()) {
-    pieces = plan(t.numel, segments, threshold, take, ties, num_segments, src, threads);
+    pieces = plan(t.numel, segments, threshold, take, ties, cut, num_segments, src, threads);
   } else {
     for (size_t i = 0; i < t.numel.size(); ++i)
       for (int64_t b = 0; b < t.numel[i]; b += kChunk)

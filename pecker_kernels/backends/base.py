@@ -13,6 +13,10 @@ threshold is the k-th largest finite score. Selected: every finite score above t
 first ``take = k - count(score > threshold)`` elements equal to the threshold in flat order. Exactly
 ``k`` elements are selected. With ``k == 0`` the threshold is ``+inf`` and ``take`` is 0. ``ties`` counts
 all elements equal to the threshold: when ``take == ties`` the update needs no tie ranks at all.
+Otherwise ranking them costs a pass over the scores, unless the select left ``cut``: the segment flat
+index just past the take-th tie (-1 where not known; ``None``: no hints). The CPU select gives it where
+its sampled bracket holds every tie anyway; a backend may ignore it, and a cut outside the segment is
+clamped to it, so a hint never selects outside the segment.
 
 Packed masks: one int32 tensor per parameter of ``ceil(numel / 32)`` words; bit ``b`` of word ``w``
 is element ``32 * w + b``; bits past ``numel`` are zero.
@@ -107,6 +111,9 @@ class Selection:
     threshold: Tensor  # float32 [num_segments]: the k-th largest finite score (+inf when k == 0)
     take: Tensor  # int64 [num_segments]: elements equal to the threshold to select, in flat order
     ties: Tensor  # int64 [num_segments]: elements equal to the threshold in all (take == ties: no ranking)
+    # int64 [num_segments] or None: the segment flat index just past the take-th tie, -1 where not known.
+    # A hint a backend's select may give so that its update ranks no ties; never needed for correctness.
+    cut: Tensor | None = None
 
 
 @dataclass

@@ -45,14 +45,28 @@ def _scored(
     return _ptrs(grads), _weight_ptrs(weights, score), numel, dtypes, SCORE_CODES[score], list(segments)
 
 
-def _selection_tensors(selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
+def _selection_tensors(selection: Selection) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     # Selections from select() are already in this layout (no copy); the caller keeps the results
     # alive while the kernel reads them.
+    threshold = selection.threshold.to(torch.float32).contiguous()
+    cut = selection.cut
+    if cut is not None:
+        if cut.shape != threshold.shape or cut.device != threshold.device:
+            raise ValueError(
+                f"Selection.cut must match threshold ({tuple(threshold.shape)} on {threshold.device}), "
+                f"got {tuple(cut.shape)} on {cut.device}"
+            )
+        cut = cut.to(torch.int64).contiguous()
     return (
-        selection.threshold.to(torch.float32).contiguous(),
+        threshold,
         selection.take.to(torch.int64).contiguous(),
         selection.ties.to(torch.int64).contiguous(),
+        cut,
     )
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def select(
@@ -66,15 +80,17 @@ def select(
     threshold = torch.empty(num_segments, dtype=torch.float32)
     take = torch.empty(num_segments, dtype=torch.int64)
     ties = torch.empty(num_segments, dtype=torch.int64)
+    cut = torch.empty(num_segments, dtype=torch.int64)
     cpu_module.select(
         *_scored(grads, weights, score, segments),
         [int(k) for k in ks],
         threshold.data_ptr(),
         take.data_ptr(),
         ties.data_ptr(),
+        cut.data_ptr(),
         torch.get_num_threads(),
     )
-    return Selection(threshold=threshold, take=take, ties=ties)
+    return Selection(threshold=threshold, take=take, ties=ties, cut=cut)
 
 
 def radix_histogram(
@@ -157,12 +173,13 @@ def write_masks(
     selection: Selection,
     masks_out: Sequence[Tensor],
 ) -> None:
-    threshold, take, ties = _selection_tensors(selection)
+    threshold, take, ties, cut = _selection_tensors(selection)
     cpu_module.write_masks(
         *_scored(grads, weights, score, segments),
         threshold.data_ptr(),
         take.data_ptr(),
         ties.data_ptr(),
+        _address(cut),
         threshold.numel(),
         _ptrs(masks_out),
         torch.get_num_threads(),
@@ -214,7 +231,7 @@ def update(
     numel, dtypes = _sizes(group.params)
     state_dtypes = [DTYPE_CODES[d] for d in group.state_dtypes()]
     chosen = None if selection is None else _selection_tensors(selection)
-    threshold, take, ties = (0, 0, 0) if chosen is None else (t.data_ptr() for t in chosen)
+    threshold, take, ties, cut = (0, 0, 0, 0) if chosen is None else (_address(t) for t in chosen)
     num_segments = 0 if chosen is None else chosen[0].numel()
     cpu_module.update(
         _ptrs(group.params),
@@ -231,6 +248,7 @@ def update(
         threshold,
         take,
         ties,
+        cut,
         num_segments,
         _ptrs(masks_in if selection is None else None),
         _ptrs(masks_out),
