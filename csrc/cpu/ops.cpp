@@ -465,7 +465,7 @@ Result bracket_select(const Tensors& t, const Segment& seg, const std::vector<Ra
     if (r.take <= 0 || r.take >= r.ties) return r;
     const int64_t nchunks = static_cast<int64_t>(chunks.size());
     std::vector<int64_t> ties_in(chunks.size());
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(all.size >= kParallelMin ? nt : 1) schedule(static)
     for (int64_t c = 0; c < nchunks; ++c) {
       const KeptSlice& sl = slices[static_cast<size_t>(c)];
       const float* buf = kept + static_cast<size_t>(sl.thread) * region;
