@@ -93,7 +93,8 @@ struct Result {
 
 constexpr Result kNothing{kInf, 0, 0};
 
-// The index just past the nth (1-based) score equal to `value` in [begin, end), which holds at least n.
+// The index just past the nth (1-based) score equal to `value` in [begin, end), which holds at least n
+// (end if it holds fewer: the scan never leaves the range).
 int64_t past_nth_tie(const KernelTable& K, const ScoreSrc& src, int64_t begin, int64_t end, float value,
                      int64_t n) {
   int64_t i = begin;
@@ -102,10 +103,11 @@ int64_t past_nth_tie(const KernelTable& K, const ScoreSrc& src, int64_t begin, i
     if (c >= n) break;
     n -= c;
   }
-  for (;; ++i) {
+  for (; i < end; ++i) {
     n -= K.count_equal(src, i, i + 1, value);
     if (n == 0) return i + 1;
   }
+  return end;
 }
 
 // Exact selection among `n` finite scores held in memory (reordered in place). Large sets narrow the
