@@ -230,15 +230,24 @@ def test_tied_thresholds_of_large_segments_are_ranked_like_eager(target, levels,
 
 def test_the_sampled_bracket_hints_where_a_tied_threshold_is_cut():
     """The hint that spares the update a pass over every score is given where the bracket holds the
-    threshold: a tied fp32 threshold among many distinct scores."""
+    threshold: a tied fp32 threshold among many distinct scores. Enough scores that both threads
+    count the kept ones, and the masks it plans match the oracle's."""
     from pecker_kernels.backends import cpu
 
-    sizes = (70_001, 120_000)
-    grads = _quantized(sizes, 3000, seed=1)
+    sizes = (70_001, 700_000)
+    grads = _quantized(sizes, 20_000, seed=1)
     ks = _ks(sizes, [0, 0], 0.5)
     got = cpu.select(grads, None, "grad", [0, 0], ks)
+    want = eager.select(grads, None, "grad", [0, 0], ks)
+    _assert_same_selection(got, want)
     assert 0 < int(got.take) < int(got.ties)
     assert got.cut is not None and int(got.cut) > 0
+    for g, w in zip(
+        _masks_of(cpu, grads, None, "grad", [0, 0], got),
+        _masks_of(eager, grads, None, "grad", [0, 0], want),
+        strict=True,
+    ):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("cut", [-1, 0, 10**12])
