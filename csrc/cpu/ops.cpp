@@ -705,11 +705,13 @@ std::vector<Piece> plan(const std::vector<int64_t>& numel, const std::vector<int
       int64_t cut_here = e;
       if (take[s] <= 0) {
         cut_here = b;
-      } else if (take[s] < ties[s] && cut != nullptr && cut[s] >= 0) {
-        cut_here = std::clamp(cut[s] - at, b, e);  // clamped: a cut from elsewhere stays inside the chunk
       } else if (take[s] < ties[s]) {
-        ranked.push_back(static_cast<int64_t>(pieces.size()));
-        ranked_total += e - b;
+        if (cut != nullptr && cut[s] >= 0) {
+          cut_here = std::clamp(cut[s] - at, b, e);  // clamped: a cut from elsewhere stays inside the chunk
+        } else {
+          ranked.push_back(static_cast<int64_t>(pieces.size()));
+          ranked_total += e - b;
+        }
       }
       pieces.push_back(Piece{static_cast<int64_t>(i), b, e, cut_here, thr, t_st});
     }
