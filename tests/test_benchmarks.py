@@ -38,3 +38,13 @@ def test_ab_step_times_each_build_in_its_own_process_against_fused_adamw(capsys)
     assert all(r["fused_ms"] > 0 and all(r[n] > 0 for n in ab_step.NAMES) for r in rows)
     table = capsys.readouterr().out
     assert table.count("| flat |") == 2 and "x fused, reselect" in table
+
+
+def test_ab_step_in_bf16_adds_the_bf16_moment_step(capsys):
+    from benchmarks import ab_step
+
+    rows = ab_step.main(
+        ["--configs", "flat", "--size", "2e4", "--rounds", "1", "--reps", "2", "--dtype", "bf16"]
+    )
+    assert rows[0]["dtype"] == "bf16" and rows[0][ab_step.LOW_STATE] > 0
+    assert f"x fused, {ab_step.LOW_STATE}" in capsys.readouterr().out
