@@ -97,20 +97,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         return []
     builds = [b.resolve() for b in args.builds]
+    columns = names(args.dtype)
     rows = []
     print(
         "| configuration | build | round | fused AdamW ms | "
-        + " | ".join(f"x fused, {n}" for n in names(args.dtype))
+        + " | ".join(f"x fused, {n}" for n in columns)
         + " |"
     )
-    print("|---|---|---:|---:|" + "---:|" * len(names(args.dtype)))
+    print("|---|---|---:|---:|" + "---:|" * len(columns))
     for config in args.configs:
         for round_ in range(1, args.rounds + 1):
             for build in builds:  # alternating: each round runs every build once, in turn
                 row = {"config": config, "dtype": args.dtype, "build": str(build), "round": round_}
                 row |= run_child(build, config, int(args.size), args.reps, args.dtype)
                 rows.append(row)
-                ratios = " | ".join(f"{row[n]:.2f}" for n in names(args.dtype))
+                ratios = " | ".join(f"{row[n]:.2f}" for n in columns)
                 print(
                     f"| {config} | {build.name} | {round_} | {row['fused_ms']:.2f} | {ratios} |", flush=True
                 )
