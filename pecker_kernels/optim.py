@@ -66,6 +66,7 @@ without a host sync.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -109,6 +110,21 @@ _SCOPE_KEYS = (
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _EMA_DTYPES = (torch.float32,)
+
+
+def _compiler_disabled_on_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, built on the first call: building it imports dynamo (about a
+    second), which ``import pecker_kernels`` should not pay, as ``import torch.optim`` does not."""
+    disabled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 @dataclass
@@ -326,7 +342,7 @@ class _SalientOptimizer(Optimizer):
 
     # Compiled training steps graph-break here: the kernels are opaque to dynamo, and running the
     # step eagerly is both correct and as fast (it is one fused pass already).
-    @torch.compiler.disable
+    @_compiler_disabled_on_first_call
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

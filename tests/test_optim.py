@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -486,3 +488,15 @@ def test_state_dtype_other_than_fp32_or_bf16_is_rejected(state_dtype):
     optimizer = pk.SalientSGD(params[:2])
     with pytest.raises(ValueError, match="state_dtype must be"):
         optimizer.add_param_group({"params": params[2:], "state_dtype": state_dtype})
+
+
+def test_importing_the_package_leaves_dynamo_unimported_until_a_step():
+    # As `import torch.optim`: dynamo (about a second to import) loads only when a step first runs.
+    code = (
+        "import sys, torch, pecker_kernels as pk\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "p = torch.nn.Parameter(torch.ones(4)); p.grad = torch.ones(4)\n"
+        "pk.SalientAdamW([p], ratio=1.0).step()\n"
+        "assert 'torch._dynamo' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
