@@ -38,6 +38,23 @@ def _raw_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
+# Raw bits planted in every stream: a NaN with a payload, both infinities, the smallest subnormal, -0.
+SPECIAL_BITS = {
+    torch.float32: [0x7FC00001, -0x00800000, 0x7F800000, 0x00000001, -0x80000000],
+    torch.bfloat16: [0x7FC1, -0x0080, 0x7F80, 0x0001, -0x8000],
+    torch.float16: [0x7E01, -0x0400, 0x7C00, 0x0001, -0x8000],
+}
+
+
+def _plant_special_values(tensors: list[torch.Tensor], first: int) -> None:
+    """Every 37th element from ``first`` becomes one of SPECIAL_BITS: frozen ones must keep those bits,
+    updated ones round (NaN canonical, subnormals kept) as the portable loop does."""
+    for t in tensors:
+        at = torch.arange(t.numel())[first::37]
+        bits = torch.tensor(SPECIAL_BITS[t.dtype], dtype=_raw_bits(t).dtype)
+        _raw_bits(t).view(-1)[at] = bits[torch.arange(len(at)) % len(bits)]
+
+
 def updated_bits() -> dict[str, torch.Tensor]:
     """Every update configuration of the parity tests, at every parameter and moment dtype, selected by
     score and from a stored mask, run by the CPU backend of this process: each result's raw bits."""
@@ -60,6 +77,9 @@ def updated_bits() -> dict[str, torch.Tensor]:
         ties = group.grads[-1]
         quarters = torch.randint(-3, 4, ties.shape, generator=torch.Generator().manual_seed(5))
         ties.copy_(quarters.to(ties.dtype) / 4)
+        # Each stream at its own elements, so that selected elements (finite gradients) meet them too.
+        for first, field in enumerate(("params", "grads", "exp_avg", "exp_avg_sq")):
+            _plant_special_values(getattr(group, field) or [], first=5 + 6 * first)
         score = "grad_weight" if path == "grad_weight" else "grad"
         weights = group.params if score == "grad_weight" else None
         selection = eager.select(group.grads, weights, score, segments, _ks(sizes, segments, 0.4))
