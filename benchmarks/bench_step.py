@@ -5,13 +5,13 @@
     python -m benchmarks.bench_step --device cuda --out DIR          # the GPU plan, sizes up to 1e9
     python -m benchmarks.bench_step --sizes 1e6 --dtypes fp32 --more-ratios --layouts   # one configuration
 
-A plan is a list of configurations: flat tensors of every size in --sizes at every dtype in --dtypes
-(ratio --ratio), a flat tensor of --ratio-size at each of --more-ratios (first dtype), and every model
-layout in --layouts at every dtype. The contenders of a configuration are all built first and then timed
-in interleaved rounds, then each alone (calls in a row), so that a result that depends on its neighbours
-shows. Each row: median time, spread, GB/s from the bytes model (docs/DESIGN.md), percent of the bandwidth
-of an in-place scale measured in the same configuration, the ratio to torch's fused AdamW measured in the
-same configuration, and the median and ratio of the calls timed alone.
+A plan is a list of configurations: flat tensors of every size in --sizes at every dtype in --dtypes (ratio
+--ratio), each of them also split into every count of equal tensors in --split, a flat tensor of --ratio-size
+at each of --more-ratios (first dtype), and every model layout in --layouts at every dtype. The contenders of
+a configuration are all built first and then timed in interleaved rounds, then each alone (calls in a row), so
+that a result that depends on its neighbours shows. Each row: median time, spread, GB/s from the bytes model
+(docs/DESIGN.md), percent of the bandwidth of an in-place scale measured in the same configuration, the ratio
+to torch's fused AdamW measured in the same configuration, and the median and ratio of the calls timed alone.
 """
 
 from __future__ import annotations
@@ -142,6 +142,12 @@ def plan(args: argparse.Namespace) -> list[c.Config]:
         return c.Config(layout, tuple(shapes), dtype, ratio, args.device)
 
     configs = [config("flat", layouts.flat(n), d, args.ratio) for d in args.dtypes for n in args.sizes]
+    configs += [
+        config(f"split {k}", layouts.split(n, k), d, args.ratio)
+        for k in args.split
+        for d in args.dtypes
+        for n in args.sizes
+    ]
     configs += [config("flat", layouts.flat(args.ratio_size), args.dtypes[0], r) for r in args.more_ratios]
     configs += [config(m, layouts.MODELS[m](), d, args.ratio) for m in args.layouts for d in args.dtypes]
     # Smallest first: running out of memory at the largest sizes on a GPU keeps everything before it.
@@ -305,6 +311,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction kept in the sweep and layouts")
     parser.add_argument("--more-ratios", nargs="*", type=float, default=[0.1, 0.9])
     parser.add_argument("--ratio-size", type=float, help="flat size of the --more-ratios rows")
+    parser.add_argument(
+        "--split", nargs="*", type=int, default=[], help="each flat size also as this many equal tensors"
+    )
     parser.add_argument("--layouts", nargs="*", choices=list(layouts.MODELS), default=list(layouts.MODELS))
     parser.add_argument("--reps", type=int, help="timed calls per contender (cpu: 15, cuda: 30)")
     parser.add_argument("--budget", type=float, help="seconds of timed calls per slow contender")

@@ -17,6 +17,13 @@ def flat(numel: int) -> Shapes:
     return [(numel,)]
 
 
+def split(numel: int, tensors: int) -> Shapes:
+    """``numel`` elements as ``tensors`` flat tensors of (nearly) equal size: the same bytes as one flat
+    tensor, so what a row gains or loses against it is the cost of the number of tensors."""
+    size, extra = divmod(numel, tensors)
+    return [(size + (i < extra),) for i in range(tensors)]
+
+
 def recipe_unet() -> Shapes:
     """The recipe's UNet (the packaged digits teacher's diffusers ``UNet2DModel``:
     ``pecker_kernels.unlearn.nets.digits_unet_config``), built on the meta device so no memory is

@@ -28,6 +28,20 @@ def test_step_benchmark_writes_rows_tables_and_plots(tmp_path, capsys):
     assert "Summary" in capsys.readouterr().out
 
 
+def test_split_layouts_hold_the_flat_sizes_elements_in_equal_tensors():
+    from benchmarks import layouts
+
+    assert layouts.split(10, 3) == [(4,), (3,), (3,)]
+    args = bench_step.parse(
+        ["--sizes", "1e4", "--dtypes", "fp32", "--more-ratios", "--layouts", "--split", "3", "7"]
+    )
+    shapes = {config.layout: config.shapes for config in bench_step.plan(args)}
+    assert set(shapes) == {"flat", "split 3", "split 7"}
+    assert [len(shapes[name]) for name in ("flat", "split 3", "split 7")] == [1, 3, 7]
+    assert {layouts.numel(list(s)) for s in shapes.values()} == {10_000}
+    assert max(s[0] for s in shapes["split 7"]) - min(s[0] for s in shapes["split 7"]) <= 1
+
+
 def test_ab_step_times_each_build_in_its_own_process_against_fused_adamw(capsys):
     from benchmarks import ab_step
 
