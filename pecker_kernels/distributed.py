@@ -50,11 +50,12 @@ from .backends.base import RADIX_DIGITS, Selection
 _DIGITS = RADIX_DIGITS
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+# Types that are never DTensors: the common case, tested without a lookup (every step asks per tensor).
+PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def is_dtensor(t: Any) -> bool:
-    if type(t) in _PLAIN:  # the common case, answered without a lookup (every step asks per tensor)
+    if type(t) in PLAIN_TYPES:  # the common case, answered without a lookup (every step asks per tensor)
         return False
     # Importing torch.distributed.tensor costs a second; until something has imported it, nothing
     # can be a DTensor, so look it up instead of importing it.
@@ -64,7 +65,7 @@ def is_dtensor(t: Any) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """This rank's part of ``t``: a DTensor's local shard (sharing its storage), else ``t`` itself."""
-    if type(t) in _PLAIN:  # asked several times per tensor every step: the common case without a call
+    if type(t) in PLAIN_TYPES:  # asked several times per tensor every step: the common case without a call
         return t
     return t.to_local() if is_dtensor(t) else t
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -100,6 +100,7 @@ from .validation import (
 )
 
 _local = distributed.local
+_PLAIN = distributed.PLAIN_TYPES
 
 _SCOPE_KEYS = (
     "ratio",
@@ -110,6 +111,8 @@ _SCOPE_KEYS = (
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _EMA_DTYPES = (torch.float32,)
+# Read per tensor every step: module constants, not attribute lookups.
+_INT32, _FLOAT32, _STRIDED = torch.int32, torch.float32, torch.strided
 
 
 def _compiler_disabled_on_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -138,7 +141,9 @@ class _ScopePlan:
     active: list[tuple[dict[str, Any], Tensor]]  # (group, parameter) with a gradient
     params: list[Tensor]  # what the kernels update: the parameter's local shard, or a row-major copy
     grads: list[Tensor]  # row-major gradients
-    write_back: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, copy) after the step
+    states: list[dict[str, Any] | None]  # the parameter's state as the checks found it (None: none yet)
+    ready: list[bool]  # the state holds everything this step reads, in the group's state dtype
+    write_back: list[tuple[Tensor, Tensor]]  # (parameter, row-major copy): copied back after the step
 
 
 class _SalientOptimizer(Optimizer):
@@ -378,35 +383,48 @@ class _SalientOptimizer(Optimizer):
     def _plan_scope(self, groups: list[dict[str, Any]]) -> _ScopePlan | None:
         """Checks one scope's gradients and state against what the kernels will read; writes nothing.
 
-        Runs every step over every parameter, so each check is a fast test first; the detailed message
-        (and ``_where``) is built only for what fails."""
+        Runs every step over every parameter, so each attribute a check needs is read once, the fast
+        test comes first, and the detailed message (and ``_where``) is built only for what fails."""
         comm = self._comm(groups)
-        active, shards, grads = [], [], []
+        active, params, grads, states, ready, write_back = [], [], [], [], [], []
+        devices = set()
+        state_of = self.state
         for group in groups:
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             moments = tuple(key for key in self._state_keys(group) if key is not None)
-            ema = group["ema"] is not None
+            dtype, ema = _state_dtype(group), group["ema"] is not None
             for position, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                shard, grad = _local(p), _local(g)
-                if (
-                    g.layout != torch.strided
-                    or g.dtype != p.dtype
-                    or g.shape != p.shape
-                    or grad.device != shard.device
-                ):
+                if type(p) in _PLAIN:
+                    shard = p
+                    shape = whole = p.shape
+                else:  # a DTensor: its state has the local shard's shape
+                    shard = _local(p)
+                    shape, whole = shard.shape, p.shape
+                grad = g if type(g) in _PLAIN else _local(g)
+                device = shard.device
+                if g.layout != _STRIDED or g.dtype != p.dtype or g.shape != whole or grad.device != device:
                     _check_grad(_where(group, index, position), p, type(self).__name__)
-                state = self.state.get(p)
-                if state and not _state_fits(state, shard, moments, ema):
-                    self._check_existing_state(_where(group, index, position), state, shard, moments, ema)
+                state = state_of.get(p)
+                complete = False
+                if state:
+                    complete = _state_ready(state, shape, device, moments, dtype, ema)
+                    if complete is None:
+                        self._check_existing_state(_where(group, index, position), state, shard, moments, ema)
+                devices.add(device)
                 active.append((group, p))
-                shards.append(shard)
-                grads.append(grad)
+                states.append(state)
+                ready.append(complete)
+                work = shard if shard.is_contiguous() else shard.contiguous()
+                if work is not shard:
+                    write_back.append((shard, work))
+                params.append(work)
+                # Gradients of other strides (transposed, expanded, channels_last) are read row-major.
+                grads.append(grad if grad.is_contiguous() else grad.contiguous())
         if not active and comm is None:
             return None
-        devices = {p.device for p in shards}
         if len(devices) > 1:
             raise ValueError(
                 f"parameters of one selection scope are on several devices ({', '.join(map(str, devices))});"
@@ -414,19 +432,11 @@ class _SalientOptimizer(Optimizer):
             )
         device = next(iter(devices)) if devices else distributed.comm_device(comm, [])
         impl = dispatch.resolve(groups[0]["backend"], device)
-        plan = _ScopePlan(groups, comm, impl, device, active, [], [])
-        for shard, grad in zip(shards, grads, strict=True):
-            work = shard if shard.is_contiguous() else shard.contiguous()
-            if work is not shard:
-                plan.write_back.append((shard, work))
-            plan.params.append(work)
-            # Gradients of other strides (transposed, expanded, channels_last) are read row-major.
-            plan.grads.append(grad if grad.is_contiguous() else grad.contiguous())
-        return plan
+        return _ScopePlan(groups, comm, impl, device, active, params, grads, states, ready, write_back)
 
     @staticmethod
     def _check_existing_state(where: str, state, shard: Tensor, moments, ema: bool) -> None:
-        """Raises the detailed error for state that ``_state_fits`` refused."""
+        """Raises the detailed error for state that ``_state_ready`` refused (returned None)."""
         for key in moments:
             if key in state:
                 check_kernel_state(where, key, _local(state[key]), shard, STATE_DTYPES)
@@ -437,11 +447,18 @@ class _SalientOptimizer(Optimizer):
         raise TypeError(f"{where}: state['step'] must be a one-element float32 tensor on {shard.device}")
 
     def _init_state(
-        self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, keys: tuple[str | None, str | None]
+        self,
+        group: dict[str, Any],
+        p: Tensor,
+        state: dict[str, Any] | None,
+        dtype: torch.dtype,
+        keys: tuple[str | None, str | None],
     ) -> tuple[dict[str, Any], bool]:
-        """The parameter's state with every piece this step needs (moments under ``keys``, of ``dtype``);
-        True when the momentum buffer (SGD) was allocated just now, so that it starts at the gradient."""
-        state = self.state[p]
+        """The parameter's state (``state``, or a new one) with every piece this step needs (moments
+        under ``keys``, of ``dtype``); True when the momentum buffer (SGD) was allocated just now, so
+        that it starts at the gradient."""
+        if state is None:
+            state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
         state.setdefault("selection_step", 0)
@@ -465,7 +482,10 @@ class _SalientOptimizer(Optimizer):
         params, grads, active = plan.params, plan.grads, plan.active
         lead = groups[0]
         layout = {id(g): (_state_dtype(g), self._state_keys(g)) for g in groups}  # per group, not per tensor
-        initialised = [self._init_state(g, p, *layout[id(g)]) for g, p in active]
+        initialised = [
+            (state, False) if complete else self._init_state(g, p, state, *layout[id(g)])
+            for (g, p), state, complete in zip(active, plan.states, plan.ready, strict=True)
+        ]
         states = [s for s, _ in initialised]
         for state in states:
             state["selection_step"] += 1
@@ -503,9 +523,16 @@ class _SalientOptimizer(Optimizer):
 
         # One update call per (group, step count, fresh buffer): bias corrections and hyper-parameters
         # differ. Parameters that joined at the same call share their step count (skips included).
+        keys = [
+            (id(group), state["selection_step"], fresh)
+            for (group, _), (state, fresh) in zip(active, initialised, strict=True)
+        ]
         calls: dict[tuple[int, int, bool], list[int]] = {}
-        for index, ((group, _), (state, fresh)) in enumerate(zip(active, initialised, strict=True)):
-            calls.setdefault((id(group), state["selection_step"], fresh), []).append(index)
+        if keys and keys.count(keys[0]) == len(keys):  # the usual case: one call for the scope
+            calls[keys[0]] = list(range(len(keys)))
+        else:
+            for index, key in enumerate(keys):
+                calls.setdefault(key, []).append(index)
 
         selection = None
         valid = None  # per parameter of `fixing`: whether its first mask may be kept (a host list)
@@ -537,7 +564,9 @@ class _SalientOptimizer(Optimizer):
         for indices in calls.values():
             group = active[indices[0]][0]
             fresh = initialised[indices[0]][1]
-            steps = [states[i]["step"] for i in indices]
+            whole = len(indices) == len(states)  # one call for the scope (the usual case): no sublists
+            sub_states = states if whole else [states[i] for i in indices]
+            steps = [s["step"] for s in sub_states]
             if on_device:
                 config = self._config(group, 1)
                 scalars = self._device_scalars(group, steps, grad_scale, skipped, device, fresh)
@@ -547,18 +576,18 @@ class _SalientOptimizer(Optimizer):
                 config = self._config(group, int(steps[0]), momentum_init=fresh or int(steps[0]) == 1)
             first, second = layout[id(group)][1]
             sub = TensorGroup(
-                params=[params[i] for i in indices],
-                grads=[grads[i] for i in indices],
-                exp_avg=None if first is None else [_local(states[i][first]) for i in indices],
-                exp_avg_sq=None if second is None else [_local(states[i][second]) for i in indices],
-                ema=[_local(states[i]["ema"]) for i in indices] if group["ema"] is not None else None,
+                params=params if whole else [params[i] for i in indices],
+                grads=grads if whole else [grads[i] for i in indices],
+                exp_avg=None if first is None else _locals([s[first] for s in sub_states]),
+                exp_avg_sq=None if second is None else _locals([s[second] for s in sub_states]),
+                ema=_locals([s["ema"] for s in sub_states]) if group["ema"] is not None else None,
             )
-            sub_masks = [masks[i] for i in indices]
+            sub_masks = masks if whole else [masks[i] for i in indices]
             with nvtx_range("update"):
                 if selection is not None:
                     impl.update(sub, config, score, segments, selection=selection, masks_out=sub_masks)
                 else:
-                    sub_segments = [segments[i] for i in indices]
+                    sub_segments = segments if whole else [segments[i] for i in indices]
                     impl.update(sub, config, score, sub_segments, masks_in=sub_masks)
         for shard, work in plan.write_back:
             shard.copy_(work)
@@ -620,7 +649,7 @@ class _SalientOptimizer(Optimizer):
 
         ``masks``: a list of bool or 0/1 tensors (param-group order), a ``{parameter: mask}`` dict, or a
         SalUn-style ``{name: 0/1 tensor}`` dict together with ``model.named_parameters()``. Every
-        parameter needs one; values other than 0 and 1 are refused."""
+        parameter needs one; values other than 0 and 1 are refused (returned None)."""
         params = self._all_params()
         masks = _per_param("masks", masks, params, named_parameters)
         packed = []
@@ -940,45 +969,62 @@ def _where(group: dict[str, Any], index: int, position: int) -> str:
     return f"parameter {position} of param group {index}"
 
 
-def _fits(t: Any, shape: torch.Size, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
-    t = _local(t)
-    return (
-        isinstance(t, Tensor)
-        and t.dtype in dtypes
-        and t.shape == shape
-        and t.device == device
-        and t.is_contiguous()
-    )
-
-
-def _state_fits(state: Mapping[str, Any], shard: Tensor, moments, ema: bool) -> bool:
-    """Whether a parameter's state is exactly what the kernels read (the fast test of every step, so
-    it reads each attribute once and builds nothing)."""
-    shape, device = shard.shape, shard.device
+def _state_ready(
+    state: Mapping[str, Any], shape: torch.Size, device: torch.device, moments, dtype: torch.dtype, ema: bool
+) -> bool | None:
+    """None when a parameter's state is not what the kernels read (``_check_existing_state`` then says
+    why); else whether it holds every piece this step needs, the moments in ``dtype``. The fast test of
+    every step: it reads each attribute once, inline (a call per tensor costs as much as a check)."""
     get = state.get
+    complete = "step" in state and "selection_step" in state
     for key in moments:
         t = get(key)
-        if t is not None and not _fits(t, shape, device, STATE_DTYPES):
-            return False
-    if ema and (e := get("ema")) is not None and not _fits(e, shape, device, _EMA_DTYPES):
-        return False
+        if t is None:
+            complete = False
+            continue
+        if type(t) not in _PLAIN:
+            t = _local(t)
+            if not isinstance(t, Tensor):
+                return None
+        held = t.dtype
+        if held not in STATE_DTYPES or t.shape != shape or t.device != device or not t.is_contiguous():
+            return None
+        complete = complete and held == dtype
+    if ema:
+        e = get("ema")
+        if e is None:
+            complete = False
+        else:
+            if type(e) not in _PLAIN:
+                e = _local(e)
+                if not isinstance(e, Tensor):
+                    return None
+            if e.dtype not in _EMA_DTYPES or e.shape != shape or e.device != device or not e.is_contiguous():
+                return None
     mask = get("mask")
     if mask is not None and not (
         isinstance(mask, Tensor)
-        and mask.dtype == torch.int32
-        and mask.shape == (mask_words(shard.numel()),)
+        and mask.dtype == _INT32
+        and mask.shape == (mask_words(shape.numel()),)
         and mask.device == device
         and mask.is_contiguous()
     ):
-        return False
+        return None
     step = get("step")  # written through its data pointer on the CPU: a plain float32 scalar
-    return step is None or (
-        type(step) is Tensor and step.dtype == torch.float32 and step.numel() == 1 and step.device == device
-    )
+    if step is not None and not (
+        type(step) is Tensor and step.dtype == _FLOAT32 and step.numel() == 1 and step.device == device
+    ):
+        return None
+    return complete
+
+
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    """``_local`` of each tensor, plain ones without a call."""
+    return [t if type(t) in _PLAIN else _local(t) for t in tensors]
 
 
 def _count_steps(steps: list[Tensor]) -> None:
-    """Advances the step counters of a host step (float32 one-element CPU tensors, as ``_state_fits``
+    """Advances the step counters of a host step (float32 one-element CPU tensors, as ``_state_ready``
     checked). An in-place add costs a dispatch of microseconds a parameter; the C++ loop, nanoseconds."""
     if cpu.cpu_module is not None:
         cpu.count_steps(steps)

@@ -264,6 +264,42 @@ def test_a_step_counter_the_kernel_cannot_add_to_is_refused_before_anything_is_w
     assert int(opt.state[model.weight]["step"]) == 1
 
 
+def _set_data(state, key, value):
+    state[key].data = value
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda s: s["exp_avg"].resize_(2), r"state\['exp_avg'\] has shape \(2,\)"),
+        (lambda s: s["exp_avg_sq"].t_(), r"state\['exp_avg_sq'\] is not contiguous"),
+        (
+            lambda s: _set_data(s, "exp_avg", s["exp_avg"].double()),
+            r"state\['exp_avg'\] has dtype torch.float64",
+        ),
+        (lambda s: s.update(exp_avg_sq=s["exp_avg_sq"].to("meta")), r"state\['exp_avg_sq'\] is on meta"),
+        (lambda s: s.update(exp_avg=s["exp_avg"].tolist()), r"state\['exp_avg'\] must be a tensor, got list"),
+        (lambda s: s["ema"].t_(), r"state\['ema'\] is not contiguous"),
+        (lambda s: s["mask"].resize_(0), r"state\['mask'\] has 0 words"),
+    ],
+    ids=["resized", "transposed", "float64", "meta", "list", "transposed ema", "empty mask"],
+)
+def test_state_changed_after_a_step_is_refused_before_anything_is_written(change, error):
+    # After its first step a parameter's state is complete and takes the fast checks of every step:
+    # those must still see a change inside a tensor they passed before, or a tensor replaced.
+    model = torch.nn.Linear(3, 3)
+    opt = pk.SalientAdamW(model.parameters(), ema=0.9, backend="cpu")
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    change(opt.state[model.weight])
+    bias_state = {k: v.clone() for k, v in opt.state[model.bias].items() if isinstance(v, torch.Tensor)}
+    snapshot = _snapshot(model, opt)
+    with pytest.raises((TypeError, ValueError), match="parameter 0 of param group 0: " + error):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
+    assert all(torch.equal(opt.state[model.bias][k], v) for k, v in bias_state.items())
+
+
 @pytest.mark.parametrize("backend", ["cpu", "eager"])
 def test_step_counters_advance_with_and_without_the_compiled_module(backend, monkeypatch):
     from pecker_kernels.backends import cpu
