@@ -5,9 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.built
-# pytest-xdist workers: many tests leave a core idle (Triton's interpreter, process start-up), so two
-# workers on the 2-core CPU machine take the suite from 13 to 11 minutes. pip installs skip byte-compiling
-# (--no-compile): Python compiles what the tests import, a fraction of torch, diffusers and transformers.
+# pytest-xdist workers: many tests leave a core idle (Triton's interpreter, process start-up); on the
+# slowest 2-core CPU machine seen, two workers took the suite from 769 s to 664-736 s. pip installs skip
+# byte-compiling (--no-compile): Python compiles what the tests import, a fraction of each package.
 TEST_WORKERS ?= 2
 
 .PHONY: setup build test lint format demo bench clean
