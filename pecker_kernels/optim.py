@@ -393,6 +393,7 @@ class _SalientOptimizer(Optimizer):
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             moments = tuple(key for key in self._state_keys(group) if key is not None)
             dtype, ema = _state_dtype(group), group["ema"] is not None
+            checked = tuple((key, STATE_DTYPES) for key in moments) + ((("ema", _EMA_DTYPES),) if ema else ())
             for position, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -410,7 +411,7 @@ class _SalientOptimizer(Optimizer):
                 state = state_of.get(p)
                 complete = False
                 if state:
-                    complete = _state_ready(state, shape, device, moments, dtype, ema)
+                    complete = _state_ready(state, shape, device, checked, dtype)
                     if complete is None:
                         self._check_existing_state(_where(group, index, position), state, shard, moments, ema)
                 devices.add(device)
@@ -528,11 +529,8 @@ class _SalientOptimizer(Optimizer):
             for (group, _), (state, fresh) in zip(active, initialised, strict=True)
         ]
         calls: dict[tuple[int, int, bool], list[int]] = {}
-        if keys and keys.count(keys[0]) == len(keys):  # the usual case: one call for the scope
-            calls[keys[0]] = list(range(len(keys)))
-        else:
-            for index, key in enumerate(keys):
-                calls.setdefault(key, []).append(index)
+        for index, key in enumerate(keys):
+            calls.setdefault(key, []).append(index)
 
         selection = None
         valid = None  # per parameter of `fixing`: whether its first mask may be kept (a host list)
@@ -649,7 +647,7 @@ class _SalientOptimizer(Optimizer):
 
         ``masks``: a list of bool or 0/1 tensors (param-group order), a ``{parameter: mask}`` dict, or a
         SalUn-style ``{name: 0/1 tensor}`` dict together with ``model.named_parameters()``. Every
-        parameter needs one; values other than 0 and 1 are refused (returned None)."""
+        parameter needs one; values other than 0 and 1 are refused."""
         params = self._all_params()
         masks = _per_param("masks", masks, params, named_parameters)
         packed = []
@@ -970,14 +968,15 @@ def _where(group: dict[str, Any], index: int, position: int) -> str:
 
 
 def _state_ready(
-    state: Mapping[str, Any], shape: torch.Size, device: torch.device, moments, dtype: torch.dtype, ema: bool
+    state: Mapping[str, Any], shape: torch.Size, device: torch.device, checked, dtype: torch.dtype
 ) -> bool | None:
     """None when a parameter's state is not what the kernels read (``_check_existing_state`` then says
-    why); else whether it holds every piece this step needs, the moments in ``dtype``. The fast test of
-    every step: it reads each attribute once, inline (a call per tensor costs as much as a check)."""
+    why); else whether it holds every piece this step needs, the moments in ``dtype``. ``checked``:
+    (key, allowed dtypes) of each state tensor the step reads. The fast test of every step: it reads
+    each attribute once, inline (a call per tensor costs as much as a check)."""
     get = state.get
     complete = "step" in state and "selection_step" in state
-    for key in moments:
+    for key, dtypes in checked:
         t = get(key)
         if t is None:
             complete = False
@@ -987,20 +986,9 @@ def _state_ready(
             if not isinstance(t, Tensor):
                 return None
         held = t.dtype
-        if held not in STATE_DTYPES or t.shape != shape or t.device != device or not t.is_contiguous():
+        if held not in dtypes or t.shape != shape or t.device != device or not t.is_contiguous():
             return None
-        complete = complete and held == dtype
-    if ema:
-        e = get("ema")
-        if e is None:
-            complete = False
-        else:
-            if type(e) not in _PLAIN:
-                e = _local(e)
-                if not isinstance(e, Tensor):
-                    return None
-            if e.dtype not in _EMA_DTYPES or e.shape != shape or e.device != device or not e.is_contiguous():
-                return None
+        complete = complete and (held == dtype or key == "ema")
     mask = get("mask")
     if mask is not None and not (
         isinstance(mask, Tensor)
